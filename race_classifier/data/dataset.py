@@ -1,0 +1,52 @@
+"""The training/evaluation dataset: samples from a manifest, read robustly, optionally from a cache.
+
+An image that cannot be read never ends a run: ``__getitem__`` returns a failure record, the collate
+function drops it from the batch and hands it on, and the trainer counts and lists it.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from race_classifier.data.image_io import ImageLoadError, load_rgb
+from race_classifier.data.manifest import Sample
+
+
+class FaceDataset(Dataset):
+    def __init__(self, samples: Sequence[Sample], transform, cache=None, draft_size: int | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.cache = cache
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def load_image(self, index: int):
+        if self.cache is not None:
+            return self.cache.get(index)
+        return load_rgb(self.samples[index].path, draft_size=self.draft_size)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image = self.transform(self.load_image(index))
+        except ImageLoadError as e:
+            return {"index": index, "error": e.reason}
+        return {"index": index, "image": image, "label": self.samples[index].label}
+
+
+def collate_skipping_failures(items: list[dict]) -> dict:
+    """Stack the readable items; pass the unreadable ones on as (index, reason) pairs."""
+    good = [it for it in items if "error" not in it]
+    return {
+        "images": torch.stack([it["image"] for it in good]) if good else None,
+        "labels": torch.tensor([it["label"] for it in good], dtype=torch.long),
+        "indices": torch.tensor([it["index"] for it in good], dtype=torch.long),
+        "failures": [(it["index"], it["error"]) for it in items if "error" in it],
+    }

@@ -1,0 +1,62 @@
+"""Reading one image robustly: any mode or bit depth becomes 8-bit RGB, EXIF orientation is honoured,
+and every failure (missing, corrupt, truncated, decompression bomb) is an ImageLoadError naming the file."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# PIL's own guard (about 89 Mpx) stays; its warning between 1x and 2x that limit becomes an error too,
+# since a face crop that large is an accident or an attack either way.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+class ImageLoadError(Exception):
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit greyscale: rescale the actual range to 8 bits instead of clipping at 255.
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.round().astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Composite transparency on mid-grey: neither black nor white biases the crop.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...
+
+
+def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
+    """Open ``path`` as an 8-bit RGB PIL image, upright by its EXIF orientation.
+
+    ``draft_size`` lets the JPEG decoder skip detail that a resize to that size would discard.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if draft_size and im.format == "JPEG":
+                    im.draft("RGB", (draft_size, draft_size))
+                im = ImageOps.exif_transpose(im)
+                im.load()
+                return _to_rgb(im)
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(path, f"refused as a possible decompression bomb ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image file PIL can read") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        # Truncated data, broken headers, unsupported codecs: PIL reports these as OSError/ValueError.
+        raise ImageLoadError(path, f"unreadable image ({e})") from None

@@ -1,0 +1,117 @@
+"""Manifests: the text files that list a dataset, one image a line.
+
+Format, as in the project's brief::
+
+    <image path> <label>
+
+* The label is a class name (or a synonym of one) or a class index of the taxonomy.
+* Paths may contain spaces: the label is the last whitespace-separated field.
+* Lines with a tab are split on tabs instead, which allows extra columns:
+  ``<path>\\t<label>\\t<gender>\\t<age>`` (written by ``prepare``; empty where unknown).
+* Relative paths resolve against the manifest's own folder. Blank lines and ``#`` comments are ignored.
+
+Every problem is reported with the manifest's file name and line number.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from race_classifier.labels import LabelMapping, Taxonomy, UnknownLabelError
+from race_classifier.utils import atomic_write_text
+
+EXTRA_COLUMNS = ("gender", "age")
+log = logging.getLogger(__name__)
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int  # class index in the taxonomy the manifest was read with
+    gender: str = ""
+    age: str = ""
+    line: int = 0  # line number in the manifest, for messages
+
+
+def parse_line(text: str) -> tuple[str, str, dict[str, str]] | None:
+    """(path, label, extras) of one manifest line, or None for a blank or comment line."""
+    stripped = text.rstrip("\r\n")
+    if not stripped.strip() or stripped.lstrip().startswith("#"):
+        return None
+    if "\t" in stripped:
+        fields = [f.strip() for f in stripped.split("\t")]
+        path, label, rest = fields[0], (fields[1] if len(fields) > 1 else ""), fields[2:]
+        extras = {name: value for name, value in zip(EXTRA_COLUMNS, rest)}
+    else:
+        parts = stripped.strip().rsplit(None, 1)
+        path, label, extras = (parts[0], parts[1], {}) if len(parts) == 2 else (parts[0], "", {})
+    if not path or not label:
+        raise ManifestError("expected '<image path> <label>'")
+    return path, label, extras
+
+
+def read_manifest(path: str | Path, taxonomy: Taxonomy, mapping: LabelMapping | None = None,
+                  check_files: bool = True) -> list[Sample]:
+    """Read a manifest; labels are matched in ``mapping.source`` (then mapped) or in ``taxonomy``.
+
+    Samples whose class the mapping drops are left out; missing images (when ``check_files``) are
+    reported with their line and left out. Raises ManifestError naming file and line for an unknown
+    label or a malformed line, and for a manifest with no usable image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    base = path.resolve().parent
+    samples: list[Sample] = []
+    missing: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, 1):
+            try:
+                parsed = parse_line(text)
+            except ManifestError as e:
+                raise ManifestError(f"{path}:{lineno}: {e}: {text.strip()!r}") from None
+            if parsed is None:
+                continue
+            image, label, extras = parsed
+            try:
+                if mapping is not None:
+                    index = mapping.map_label(label)
+                    if index is None:
+                        continue
+                else:
+                    index = taxonomy.index(label)
+            except UnknownLabelError as e:
+                raise ManifestError(f"{path}:{lineno}: {e}") from None
+            image_path = Path(image).expanduser()
+            if not image_path.is_absolute():
+                image_path = base / image_path
+            if check_files and not image_path.is_file():
+                missing.append(f"{path}:{lineno}: {image_path}")
+                continue
+            samples.append(Sample(str(image_path), index, extras.get("gender", ""), extras.get("age", ""), lineno))
+    if missing:
+        # One missing file must not end a long run: report every one, by line, and go on without it.
+        shown = "\n  ".join(missing[:20])
+        more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+        log.warning("skipping %d image(s) listed in %s that do not exist:\n  %s%s", len(missing), path, shown, more)
+    if not samples:
+        raise ManifestError(f"manifest {path} lists no usable images")
+    return samples
+
+
+def format_sample(path: str, label: str, gender: str = "", age: str = "") -> str:
+    for value, what in ((path, "path"), (label, "label"), (gender, "gender"), (age, "age")):
+        if "\t" in value or "\n" in value:
+            raise ManifestError(f"{what} contains a tab or newline, which a manifest cannot hold: {value!r}")
+    return f"{path}\t{label}\t{gender}\t{age}\n"
+
+
+def write_manifest(path: str | Path, rows: list[tuple[str, str, str, str]]) -> None:
+    """Write (path, class name, gender, age) rows atomically, tab-separated with a header comment."""
+    text = "# path\tlabel\tgender\tage\n" + "".join(format_sample(*row) for row in rows)
+    atomic_write_text(path, text)

@@ -1,0 +1,45 @@
+"""A sampler whose order is a pure function of (seed, epoch): a run resumed mid-epoch can skip
+exactly the batches it had already trained on, and reruns are reproducible."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+
+def class_balanced_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Per-sample weights that give every present class the same total weight."""
+    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
+    per_class = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
+    return per_class[torch.as_tensor(labels)]
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles (or draws by ``weights`` with replacement) with a generator seeded by seed and epoch."""
+
+    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True, weights: torch.Tensor | None = None):
+        self.num_items = num_items
+        self.seed = seed
+        self.shuffle = shuffle
+        self.weights = weights
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Order of ``epoch``; ``start`` skips that many leading indices (resuming mid-epoch)."""
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.num_items, replacement=True, generator=g).tolist()
+        if self.shuffle:
+            return torch.randperm(self.num_items, generator=g).tolist()
+        return list(range(self.num_items))
+
+    def __iter__(self):
+        return iter(self.order()[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_items - self.start

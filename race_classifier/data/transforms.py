@@ -1,0 +1,54 @@
+"""Preprocessing: the one description of how a face image becomes a model input.
+
+A ``Preprocessing`` travels inside every checkpoint (``to_dict``), so whoever loads the model
+preprocesses exactly as training did. Transforms are timm's, built from it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from timm.data import create_transform
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    # Geometry of the face crops the model was trained on; inference must cut crops the same way.
+    # FairFace's crops: dlib 5-landmark aligned chips with padding 0.25 around the face.
+    crop: dict = field(default_factory=lambda: {"aligned": True, "margin": 0.25})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   interpolation=d.get("interpolation", "bilinear"), crop=dict(d.get("crop") or {}))
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-only augmentation: mild, since a face crop is already framed."""
+    hflip: float = 0.5
+    scale: tuple[float, float] = (0.8, 1.0)
+    ratio: tuple[float, float] = (0.9, 1.1)
+    color_jitter: float = 0.2
+
+
+def build_transform(pre: Preprocessing, train: bool, aug: Augmentation | None = None):
+    if train:
+        aug = aug or Augmentation()
+        return create_transform(pre.image_size, is_training=True, scale=aug.scale, ratio=aug.ratio,
+                                hflip=aug.hflip, color_jitter=aug.color_jitter,
+                                interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
+    # crop_pct 1.0: resize the shorter side to the input size and keep the whole (square) face crop.
+    return create_transform(pre.image_size, is_training=False, crop_pct=1.0,
+                            interpolation=pre.interpolation, mean=pre.mean, std=pre.std)

@@ -1,0 +1,81 @@
+"""The checkpoint file: a model plus everything needed to use it, loadable with weights_only=True.
+
+Keys (all plain Python types and tensors, so ``torch.load(..., weights_only=True)`` reads it):
+  format, format_version, arch, num_classes, state_dict, taxonomy, preprocessing,
+  train_args, epoch, metrics, history, and for resuming (``last.pt``) a ``resume`` dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from race_classifier.data.transforms import Preprocessing
+from race_classifier.labels import Taxonomy
+from race_classifier.models.factory import create_model
+from race_classifier.utils import atomic_torch_save
+
+FORMAT = "race-classifier-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(path: str | Path, *, model: nn.Module, arch: str, taxonomy: Taxonomy,
+                    preprocessing: Preprocessing, train_args: dict, epoch: int, metrics: dict,
+                    history: list[dict], resume: dict | None = None) -> None:
+    state = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "num_classes": taxonomy.num_classes,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "taxonomy": taxonomy.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
+        "train_args": train_args,
+        "epoch": epoch,
+        "metrics": metrics,
+        "history": history,
+    }
+    if resume is not None:
+        state["resume"] = resume
+    atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint safely: no pickled code runs, whoever made the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every unpickling failure means "not a checkpoint we can trust"
+        raise CheckpointError(f"{path}: not a checkpoint that can be loaded safely ({e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a race-classifier checkpoint (no '{FORMAT}' format marker)")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {ckpt['format_version']} is newer than this "
+                              f"version of race-classifier understands ({FORMAT_VERSION})")
+    return ckpt
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    taxonomy: Taxonomy
+    preprocessing: Preprocessing
+    checkpoint: dict
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model of a checkpoint in eval mode, with its class names and preprocessing."""
+    ckpt = load_checkpoint(path)
+    model = create_model(ckpt["arch"], ckpt["num_classes"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device).eval()
+    return LoadedModel(model, Taxonomy.from_dict(ckpt["taxonomy"]),
+                       Preprocessing.from_dict(ckpt["preprocessing"]), ckpt)

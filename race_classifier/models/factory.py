@@ -1,0 +1,109 @@
+"""Backbones by name: timm's (``mobilenetv3_large_100``, ``resnet34``, ...) and torchvision's
+(``torchvision:mobilenet_v2``, ``torchvision:resnet34``), with a classifier for the taxonomy's classes.
+
+Pretrained weights come from a local file (offline; safe loading, the classifier layer is replaced)
+or from the usual online hubs when a network is there: ``--pretrained default`` (the architecture's
+default ImageNet weights), ``--pretrained hf-hub:timm/<name>`` (timm), or a torchvision weights name.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+log = logging.getLogger(__name__)
+TORCHVISION_PREFIX = "torchvision:"
+
+
+class WeightsMismatchError(ValueError):
+    pass
+
+
+def _replace_last_linear(model: nn.Module, num_classes: int) -> None:
+    """torchvision models end in a Linear named differently per family (fc, classifier[1], heads.head)."""
+    name, linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], nn.Linear(linear.in_features, num_classes))
+
+
+def classifier_prefix(model: nn.Module) -> str:
+    """Parameter-name prefix of the classification layer (the one pretrained weights don't fill)."""
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        for name, module in model.named_modules():
+            if module is head:
+                return name
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+def _build(arch: str, num_classes: int, drop_rate: float, online_weights: str | None) -> nn.Module:
+    if arch.startswith(TORCHVISION_PREFIX):
+        name = arch[len(TORCHVISION_PREFIX):]
+        weights = None
+        if online_weights:
+            weights = "DEFAULT" if online_weights == "default" else online_weights
+        model = torchvision.models.get_model(name, weights=weights)
+        _replace_last_linear(model, num_classes)
+        return model
+    kwargs = {"num_classes": num_classes, "drop_rate": drop_rate}
+    if online_weights:
+        overlay = None if online_weights == "default" else {"hf_hub_id": online_weights.removeprefix("hf-hub:")}
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    return timm.create_model(arch, pretrained=False, **kwargs)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors or torch file, loaded without running any pickled code."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise WeightsMismatchError(f"{path}: not a weights file torch can load safely ({e})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsMismatchError(f"{path}: does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a pretrained state dict, leaving out the classifier; any other mismatch is an error."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    head = classifier_prefix(model)
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable and not k.startswith(head + ".")]
+    if missing:
+        raise WeightsMismatchError(
+            f"{path} does not fit this architecture: {len(missing)} of its {len(own)} tensors are missing "
+            f"or of another shape (e.g. {', '.join(missing[:3])}). Check --arch: torchvision-format files "
+            f"need a 'torchvision:' architecture such as torchvision:mobilenet_v2.")
+    model.load_state_dict(usable, strict=False)
+    log.info("loaded %d pretrained tensors from %s (classifier '%s' initialised fresh)", len(usable), path, head)
+
+
+def create_model(arch: str, num_classes: int, pretrained: str | None = None, drop_rate: float = 0.0) -> nn.Module:
+    """``pretrained``: None, a local weights file, 'default', 'hf-hub:<repo>' or a torchvision weights name."""
+    is_file = bool(pretrained) and (Path(pretrained).is_file() or Path(pretrained).suffix in (".pth", ".pt", ".safetensors", ".bin"))
+    if is_file and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: {pretrained}")
+    try:
+        model = _build(arch, num_classes, drop_rate, None if is_file else pretrained)
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Unknown" in str(e):
+            raise ValueError(f"unknown architecture {arch!r}: use a timm model name or "
+                             f"'{TORCHVISION_PREFIX}<torchvision model name>'") from None
+        raise
+    except ValueError as e:
+        raise ValueError(f"unknown architecture {arch!r} ({e})") from None
+    if is_file:
+        load_backbone_weights(model, pretrained)
+    return model

@@ -1,0 +1,97 @@
+"""Training options: command-line flags, with defaults that a YAML file (-c config.yaml) can change.
+
+As in timm's train.py: the config file sets defaults, flags given on the command line win.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import yaml
+
+BEST_METRICS = ("val_accuracy", "val_balanced_accuracy", "val_worst_class_accuracy", "val_loss")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("-c", "--config", help="YAML file of option defaults (keys are the flag names)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, help="name of the run; names its outputs")
+    g.add_argument("--train_txt", required=True, help="training manifest: '<image path> <label>' per line")
+    g.add_argument("--val_txt", required=True, help="validation manifest")
+    g.add_argument("--taxonomy", help="class list: seed5 (default), fairface7, race4, utkface5, a class file, "
+                   "or 'A,B,C'; default: classes.txt beside --train_txt if there, else seed5")
+    g.add_argument("--source_taxonomy", help="taxonomy the manifests' labels are in, when it differs; "
+                   "labels are then mapped (e.g. fairface7 -> seed5)")
+    g.add_argument("--label_map", help="YAML of 'source class: target class' (null drops the class)")
+    g.add_argument("--cache_dir", help="build/use a pre-resized uint8 memory-mapped copy of the images here")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="torchvision:mobilenet_v2",
+                   help="timm model name, or 'torchvision:<name>' for torchvision's")
+    g.add_argument("--pretrained", help="local weights file (offline), 'default' or 'hf-hub:<repo>' (online)")
+    g.add_argument("--image_size", type=int, default=224)
+    g.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier (timm models)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=64)
+    g.add_argument("--num_epochs", type=int, default=50)
+    g.add_argument("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
+    g.add_argument("--min_lr_ratio", type=float, default=0.01, help="final learning rate / peak")
+    g.add_argument("--label_smoothing", type=float, default=0.1)
+    g.add_argument("--balance", choices=("none", "sampler", "loss"), default="none",
+                   help="class balance: resample classes equally, or weight the loss by inverse frequency")
+    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--scale_min", type=float, default=0.8, help="smallest random-resized-crop area")
+    g.add_argument("--color_jitter", type=float, default=0.2)
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16); off on CPU")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g = p.add_argument_group("run control")
+    g.add_argument("--checkpoint_dir", help="where best.pt, last.pt and the run's files go (default runs/<dataset>)")
+    g.add_argument("--log_file", help="CSV log, one row per epoch (default <checkpoint_dir>/log.csv)")
+    g.add_argument("--best_metric", choices=BEST_METRICS, default="val_accuracy")
+    g.add_argument("--patience", type=int, default=10, help="stop after this many epochs without improvement (0: never)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue the run in --checkpoint_dir from last.pt")
+    g.add_argument("--overwrite", action="store_true", help="start afresh even if the run's files exist")
+    g.add_argument("--save_every_steps", type=int, default=0,
+                   help="also checkpoint mid-epoch every N steps, so a killed run loses at most N steps")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> argparse.Namespace:
+    parser = add_arguments(argparse.ArgumentParser(prog=prog, description="Train a face race classifier."))
+    return resolve(parser, argv)
+
+
+def resolve(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Apply the YAML config's defaults, parse, and fill in the defaults that depend on other options."""
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("-c", "--config")
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config:
+        with open(known.config, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+        valid = {a.dest for a in parser._actions}
+        unknown = sorted(set(cfg) - valid)
+        if unknown:
+            parser.error(f"{known.config}: unknown option(s) {', '.join(unknown)}")
+        # Options given in the file no longer need to be on the command line.
+        for action in parser._actions:
+            if action.dest in cfg:
+                action.required = False
+        parser.set_defaults(**cfg)
+    args = parser.parse_args(argv)
+    if not args.checkpoint_dir:
+        args.checkpoint_dir = str(Path("runs") / args.dataset)
+    if not args.log_file:
+        args.log_file = str(Path(args.checkpoint_dir) / "log.csv")
+    if not args.taxonomy:
+        beside = Path(args.train_txt).resolve().parent / "classes.txt"
+        args.taxonomy = str(beside) if beside.is_file() else "seed5"
+    for name in ("batch_size", "num_epochs", "image_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args

@@ -1,0 +1,296 @@
+"""The training run: manifests -> datasets -> model -> epochs -> best.pt / last.pt, console and CSV log.
+
+A run killed at any moment (even SIGKILL mid-epoch) continues with ``--resume``: last.pt holds the
+optimizer, scaler, RNG and sampler position, and the CSV log is rewritten from the checkpoint's history,
+so the resumed run logs every epoch exactly once.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader
+
+from race_classifier.data.cache import ImageCache, cache_size_for
+from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
+from race_classifier.data.manifest import ManifestError, read_manifest
+from race_classifier.data.sampler import EpochSampler, class_balanced_weights
+from race_classifier.data.transforms import Augmentation, Preprocessing, build_transform
+from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
+from race_classifier.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from race_classifier.models.factory import WeightsMismatchError, create_model
+from race_classifier.training import config
+from race_classifier.training.engine import EpochProgress, evaluate, train_one_epoch
+from race_classifier.training.report import append_csv_row, epoch_row, format_epoch, rewrite_csv
+from race_classifier.training.rng import get_rng_state, seed_everything, seed_worker, set_rng_state
+from race_classifier.utils import atomic_write_text
+
+log = logging.getLogger("race_classifier.train")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or spec == "off":
+        return None
+    if spec == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[spec]
+
+
+def _better(value: float | None, best: float | None, metric: str) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    return value < best if metric == "val_loss" else value > best
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.amp_dtype = resolve_amp(args.amp, self.device)
+        self.dir = Path(args.checkpoint_dir)
+        self.last_path, self.best_path = self.dir / "last.pt", self.dir / "best.pt"
+        self.skipped: dict[str, str] = {}  # path -> reason, over the whole run
+
+        self.taxonomy = get_taxonomy(args.taxonomy)
+        self.classes = list(self.taxonomy.classes)
+        mapping = None
+        if args.source_taxonomy or args.label_map:
+            source = get_taxonomy(args.source_taxonomy) if args.source_taxonomy else self.taxonomy
+            mapping = get_mapping(source, self.taxonomy, load_label_map(args.label_map) if args.label_map else None)
+        self.train_samples = read_manifest(args.train_txt, self.taxonomy, mapping)
+        self.val_samples = read_manifest(args.val_txt, self.taxonomy, mapping)
+        self._warn_about_class_coverage()
+
+        self.preprocessing = Preprocessing(image_size=args.image_size)
+        aug = Augmentation(hflip=args.hflip, scale=(args.scale_min, 1.0), color_jitter=args.color_jitter)
+        train_cache = val_cache = None
+        if args.cache_dir:
+            size = cache_size_for(args.image_size)
+            train_cache = ImageCache.build_or_load(self.train_samples, size, args.cache_dir, args.workers)
+            val_cache = ImageCache.build_or_load(self.val_samples, size, args.cache_dir, args.workers)
+        self.train_set = FaceDataset(self.train_samples, build_transform(self.preprocessing, True, aug),
+                                     train_cache, draft_size=args.image_size)
+        self.val_set = FaceDataset(self.val_samples, build_transform(self.preprocessing, False),
+                                   val_cache, draft_size=args.image_size)
+
+        seed_everything(args.seed)
+        pretrained = None if args.resume else args.pretrained
+        self.model = create_model(args.arch, self.taxonomy.num_classes, pretrained, args.drop_rate).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        self.drop_last = len(self.train_set) >= args.batch_size  # no size-1 batches for BatchNorm
+        self.steps_per_epoch = max(1, len(self.train_set) // args.batch_size if self.drop_last else 1)
+        total_steps = self.steps_per_epoch * args.num_epochs
+        self.optimizer = create_optimizer_v2(self.model, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
+        min_lr = args.learning_rate * args.min_lr_ratio
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=total_steps, lr_min=min_lr, t_in_epochs=False,
+            warmup_t=int(args.warmup_epochs * self.steps_per_epoch), warmup_lr_init=min_lr, warmup_prefix=True)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        labels = torch.tensor(self.train_set.labels)
+        class_weights = None
+        if args.balance == "loss":
+            counts = torch.bincount(labels, minlength=self.taxonomy.num_classes).float()
+            class_weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
+        self.criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=args.label_smoothing).to(self.device)
+        weights = class_balanced_weights(labels.tolist(), self.taxonomy.num_classes) if args.balance == "sampler" else None
+        self.sampler = EpochSampler(len(self.train_set), args.seed, weights=weights)
+
+        self.val_loader = DataLoader(self.val_set, batch_size=args.batch_size, shuffle=False,
+                                     num_workers=args.workers, collate_fn=collate_skipping_failures,
+                                     pin_memory=self.device.type == "cuda")
+        self.start_epoch, self.global_step, self.history = 0, 0, []
+        self.progress, self.elapsed = EpochProgress(), 0.0
+
+    def _warn_about_class_coverage(self) -> None:
+        for name, samples in (("training", self.train_samples), ("validation", self.val_samples)):
+            counts = torch.bincount(torch.tensor([s.label for s in samples]), minlength=len(self.classes))
+            empty = [c for c, n in zip(self.classes, counts.tolist()) if n == 0]
+            if empty:
+                log.warning("no %s images for class(es) %s: their %s accuracy is reported as n/a",
+                            name, ", ".join(empty), name)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _train_args(self) -> dict:
+        return {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+    def _save(self, path: Path, epoch: int, metrics: dict, resume: dict | None) -> None:
+        save_checkpoint(path, model=self.model, arch=self.args.arch, taxonomy=self.taxonomy,
+                        preprocessing=self.preprocessing, train_args=self._train_args(), epoch=epoch,
+                        metrics=metrics, history=self.history, resume=resume)
+
+    def save_last(self, epoch: int, in_progress: bool) -> None:
+        """``epoch`` is the number of the epoch to run next; ``in_progress`` saves a partial epoch."""
+        resume = {
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "progress": self.progress.to_dict() if in_progress else None,
+            "elapsed": self.elapsed_now() if in_progress else 0.0,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": get_rng_state(),
+            "skipped": dict(self.skipped),
+        }
+        metrics = self.history[-1] if self.history else {}
+        self._save(self.last_path, epoch, metrics, resume)
+
+    def prepare_run_dir(self) -> None:
+        log_file = Path(self.args.log_file)
+        if self.args.resume:
+            if not self.last_path.is_file():
+                raise TrainingError(f"--resume: no {self.last_path} to resume from")
+            return
+        existing = [p for p in (self.last_path, self.best_path, log_file) if p.is_file() and p.stat().st_size]
+        if existing and not self.args.overwrite:
+            raise TrainingError(f"run files already exist ({', '.join(map(str, existing))}): use --resume to "
+                                "continue that run, --overwrite to start afresh, or another --checkpoint_dir")
+        for p in existing:
+            p.unlink()
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def restore(self) -> None:
+        ckpt = load_checkpoint(self.last_path)
+        if ckpt["arch"] != self.args.arch or ckpt["taxonomy"]["classes"] != self.classes:
+            raise TrainingError(f"{self.last_path} was trained as {ckpt['arch']} on {ckpt['taxonomy']['classes']}; "
+                                f"this run asks for {self.args.arch} on {self.classes}")
+        r = ckpt["resume"]
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(r["optimizer"])
+        self.scaler.load_state_dict(r["scaler"])
+        set_rng_state(r["rng"])
+        self.start_epoch, self.global_step, self.history = r["epoch"], r["global_step"], list(ckpt["history"])
+        self.skipped = dict(r["skipped"])
+        if r["progress"] is not None:
+            self.progress, self.elapsed = EpochProgress.from_dict(r["progress"]), r["elapsed"]
+        # The log becomes exactly the epochs the checkpoint knows: no duplicates, none lost.
+        rewrite_csv(self.args.log_file, self.history)
+        where = f"batch {self.progress.batches} of epoch {self.start_epoch + 1}" if r["progress"] else f"epoch {self.start_epoch + 1}"
+        print(f"Resuming {self.args.dataset} from {self.last_path} at {where}", flush=True)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def elapsed_now(self) -> float:
+        return self.elapsed + (time.time() - self._epoch_started)
+
+    def _train_loader(self, epoch: int) -> DataLoader:
+        self.sampler.set_epoch(epoch, start=self.progress.batches * self.args.batch_size)
+        return DataLoader(self.train_set, batch_size=self.args.batch_size, sampler=self.sampler,
+                          num_workers=self.args.workers, collate_fn=collate_skipping_failures,
+                          drop_last=self.drop_last, pin_memory=self.device.type == "cuda",
+                          worker_init_fn=seed_worker,
+                          # Seeded per epoch, so that creating the loader draws nothing from the global RNG.
+                          generator=torch.Generator().manual_seed(self.args.seed * 7919 + epoch))
+
+    def _report_skipped(self, failures: dict[int, str], samples, epoch: int) -> None:
+        new = {samples[i].path: reason for i, reason in failures.items()}
+        if not new:
+            return
+        self.skipped.update(new)
+        listing = self.dir / "skipped_images.txt"
+        atomic_write_text(listing, "".join(f"{p}\t{r}\n" for p, r in sorted(self.skipped.items())))
+        print(f"Skipped {len(new)} unreadable image(s) in epoch {epoch} (all listed in {listing}):", flush=True)
+        for path, reason in list(new.items())[:10]:
+            print(f"   {path}: {reason}", flush=True)
+
+    def run(self) -> dict:
+        args = self.args
+        self.prepare_run_dir()
+        if args.resume:
+            self.restore()
+        best_metric = args.best_metric
+        best = None
+        for row in self.history:
+            best = row[best_metric] if _better(row[best_metric], best, best_metric) else best
+        print(f"Training {args.dataset}: {args.arch} on {len(self.train_set)} training / {len(self.val_set)} "
+              f"validation images, {len(self.classes)} classes ({', '.join(self.classes)}), device {self.device}",
+              flush=True)
+        for epoch in range(self.start_epoch, args.num_epochs):
+            if args.patience and self._epochs_since_best(best_metric) >= args.patience:
+                break
+            self._epoch_started = time.time()
+
+            def on_step(step: int, epoch=epoch) -> None:
+                if args.save_every_steps and step % args.save_every_steps == 0:
+                    self.save_last(epoch, in_progress=True)
+
+            self.global_step = train_one_epoch(
+                self.model, self._train_loader(epoch), self.criterion, self.optimizer, self.scheduler, self.scaler,
+                self.device, self.amp_dtype, self.progress, self.global_step,
+                desc=f"epoch {epoch + 1}/{args.num_epochs}", on_step=on_step)
+            val = evaluate(self.model, self.val_loader, self.device, self.amp_dtype, len(self.classes))
+            p = self.progress
+            row = epoch_row(epoch + 1, p.loss_sum / p.seen if p.seen else float("nan"),
+                            p.correct / p.seen if p.seen else None, val, self.classes,
+                            self.optimizer.param_groups[0]["lr"], self.elapsed_now(),
+                            len(p.failures) + len(val["failures"]))
+            self.history.append(row)
+            # best before last: if killed in between, the resumed run redoes this epoch and both get written.
+            if _better(row[best_metric], best, best_metric):
+                best = row[best_metric]
+                self._save(self.best_path, epoch + 1, row, resume=None)
+            self.progress, self.elapsed = EpochProgress(), 0.0
+            self.save_last(epoch + 1, in_progress=False)
+            append_csv_row(args.log_file, row)
+            print(format_epoch(row, args.num_epochs, self.classes), flush=True)
+            self._report_skipped(p.failures, self.train_samples, epoch + 1)
+            self._report_skipped(val["failures"], self.val_samples, epoch + 1)
+        if args.patience and self._epochs_since_best(best_metric) >= args.patience:
+            print(f"Early stopping: no {best_metric} improvement in {args.patience} epochs", flush=True)
+        return self._summary(best_metric)
+
+    def _epochs_since_best(self, metric: str) -> int:
+        best_index, best = -1, None
+        for i, row in enumerate(self.history):
+            if _better(row[metric], best, metric):
+                best_index, best = i, row[metric]
+        return len(self.history) - 1 - best_index if best_index >= 0 else len(self.history)
+
+    def _summary(self, metric: str) -> dict:
+        best_row = None
+        for row in self.history:
+            if best_row is None or _better(row[metric], best_row[metric], metric):
+                best_row = row
+        if best_row is not None:
+            print(f"Best epoch {best_row['epoch']}: {metric} {best_row[metric]:.4f}; checkpoint {self.best_path}, "
+                  f"log {self.args.log_file}", flush=True)
+        return {"best": best_row, "history": self.history}
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def run(args) -> int:
+    try:
+        Trainer(args).run()
+    except (ManifestError, CheckpointError, TrainingError, WeightsMismatchError, FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    return run(config.parse_args(argv))
