@@ -52,6 +52,11 @@ class _Decode(Dataset):
             return i, np.zeros((self.size, self.size, 3), np.uint8), e.reason
 
 
+def _as_list(batch):
+    # A module-level function, not a lambda: spawn/forkserver workers receive collate_fn pickled.
+    return batch
+
+
 class ImageCache:
     def __init__(self, array_path: Path, paths: list[str], size: int, errors: dict[int, str]):
         self.array_path, self.paths, self.size, self.errors = array_path, paths, size, errors
@@ -87,7 +92,7 @@ class ImageCache:
         array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
         errors: dict[int, str] = {}
         loader = DataLoader(_Decode(paths, size), batch_size=64, num_workers=workers,
-                            collate_fn=lambda batch: batch)
+                            collate_fn=_as_list)
         try:
             for batch in tqdm(loader, desc=f"caching {len(paths)} images at {size}px", unit="batch", disable=None):
                 for i, pixels, error in batch:

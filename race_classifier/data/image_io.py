@@ -24,11 +24,17 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit greyscale: rescale the actual range to 8 bits instead of clipping at 255.
+        # 16-bit greyscale: the fixed 16-to-8-bit scale, so brightness is kept (a per-image stretch
+        # would brighten dark faces). Float images are taken as 0..1 when they fit, else stretched.
         a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        return Image.fromarray(a.round().astype(np.uint8), "L").convert("RGB")
+        if im.mode == "F" and a.max() <= 1.0:
+            a = a * 255.0
+        elif im.mode == "F" or a.max() > 65535:
+            lo, hi = float(a.min()), float(a.max())
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        else:
+            a = a / 257.0
+        return Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         # Composite transparency on mid-grey: neither black nor white biases the crop.
         rgba = im.convert("RGBA")

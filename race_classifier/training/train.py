@@ -232,6 +232,7 @@ class Trainer:
             self._epoch_started = time.time()
 
             def on_step(step: int, epoch=epoch) -> None:
+                self.global_step = step
                 if args.save_every_steps and step % args.save_every_steps == 0:
                     self.save_last(epoch, in_progress=True)
 

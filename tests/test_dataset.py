@@ -1,0 +1,196 @@
+"""FaceDataset, collate_skipping_failures and ImageCache on small real image files, one of them corrupt."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from race_classifier.data import cache as cache_module
+from race_classifier.data.cache import ImageCache, resize_square
+from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
+from race_classifier.data.image_io import ImageLoadError, load_rgb
+from race_classifier.data.manifest import Sample
+from race_classifier.data.transforms import Preprocessing, build_transform
+
+SIZE = 16
+TRANSFORM = build_transform(Preprocessing(image_size=SIZE), train=False)
+
+
+def make_images(folder: Path, count: int, bad: int) -> list[Sample]:
+    """``count`` small images of distinct content; the one at index ``bad`` is a truncated JPEG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(count):
+        if i == bad:
+            full = folder / "full.jpg"
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(full, quality=90)
+            path = folder / f"{i:02d}_bad.jpg"
+            path.write_bytes(full.read_bytes()[:300])
+            full.unlink()
+        else:
+            path = folder / f"{i:02d}.png"
+            # Non-square, so resize_square's crop matters; noise so every pixel is checked.
+            Image.fromarray(rng.integers(0, 256, (30 + i, 24, 3), dtype=np.uint8)).save(path)
+        samples.append(Sample(str(path), i % 5, line=i + 1))
+    return samples
+
+
+@pytest.fixture
+def samples(tmp_path) -> list[Sample]:
+    return make_images(tmp_path / "imgs", count=7, bad=3)
+
+
+# --- FaceDataset and the collate function --------------------------------------------------------
+
+def test_getitem_good_and_bad(samples):
+    dataset = FaceDataset(samples, TRANSFORM)
+    assert len(dataset) == 7
+    assert dataset.labels == [s.label for s in samples]
+    good = dataset[2]
+    assert set(good) == {"index", "image", "label"}
+    assert good["index"] == 2 and good["label"] == samples[2].label
+    assert isinstance(good["image"], torch.Tensor) and good["image"].shape == (3, SIZE, SIZE)
+    bad = dataset[3]
+    assert set(bad) == {"index", "error"}
+    assert bad["index"] == 3
+    assert "truncated" in bad["error"] or "unreadable" in bad["error"]
+
+
+def test_collate_drops_failures(samples):
+    dataset = FaceDataset(samples, TRANSFORM)
+    batch = collate_skipping_failures([dataset[i] for i in (1, 3, 4, 6)])
+    assert batch["images"].shape == (3, 3, SIZE, SIZE)
+    assert batch["labels"].tolist() == [samples[i].label for i in (1, 4, 6)]
+    assert batch["indices"].tolist() == [1, 4, 6]
+    assert batch["labels"].dtype == torch.long and batch["indices"].dtype == torch.long
+    assert len(batch["failures"]) == 1
+    index, reason = batch["failures"][0]
+    assert index == 3
+    assert reason == dataset[3]["error"]
+    # Each stacked image is that sample's transformed image.
+    torch.testing.assert_close(batch["images"][1], dataset[4]["image"])
+
+
+def test_collate_only_failures(samples):
+    dataset = FaceDataset(samples, TRANSFORM)
+    batch = collate_skipping_failures([dataset[3], {"index": 9, "error": "file not found"}])
+    assert batch["images"] is None
+    assert batch["labels"].numel() == 0 and batch["indices"].numel() == 0
+    assert [i for i, _ in batch["failures"]] == [3, 9]
+    assert batch["failures"][1] == (9, "file not found")
+
+
+def test_missing_file_is_a_failure_record(tmp_path, samples):
+    dataset = FaceDataset(samples + [Sample(str(tmp_path / "gone.jpg"), 1)], TRANSFORM)
+    assert dataset[7] == {"index": 7, "error": "file not found"}
+
+
+def test_dataloader_with_workers_sees_every_good_image_once(samples):
+    dataset = FaceDataset(samples, TRANSFORM)
+    loader = DataLoader(dataset, batch_size=3, shuffle=True, num_workers=2,
+                        collate_fn=collate_skipping_failures, generator=torch.Generator().manual_seed(0))
+    seen, labels, failures = [], {}, []
+    for batch in loader:
+        if batch["images"] is not None:
+            assert batch["images"].shape[0] == len(batch["indices"])
+        for i, lab in zip(batch["indices"].tolist(), batch["labels"].tolist()):
+            seen.append(i)
+            labels[i] = lab
+        failures.extend(batch["failures"])
+    assert sorted(seen) == [0, 1, 2, 4, 5, 6]
+    assert labels == {i: samples[i].label for i in seen}
+    assert [i for i, _ in failures] == [3]
+
+
+# --- ImageCache ----------------------------------------------------------------------------------
+
+def test_cache_build_then_reuse(tmp_path):
+    samples = make_images(tmp_path / "imgs", count=20, bad=7)
+    cache_dir = tmp_path / "cache"
+    cache = ImageCache.build_or_load(samples, SIZE, cache_dir, workers=2)
+    assert len(cache) == 20
+    assert set(cache.errors) == {7}
+    files = sorted(p.name for p in cache_dir.iterdir())
+    assert len(files) == 2 and {Path(f).suffix for f in files} == {".npy", ".json"}  # no temporary left
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+
+    again = ImageCache.build_or_load(samples, SIZE, cache_dir, workers=2)
+    assert again.array_path == cache.array_path
+    assert again.errors == cache.errors
+    assert {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == stamps  # not rebuilt
+
+    for i in (0, 8, 19):
+        expected = np.asarray(resize_square(load_rgb(samples[i].path), SIZE))
+        got = again.get(i)
+        assert got.mode == "RGB" and got.size == (SIZE, SIZE)
+        np.testing.assert_array_equal(np.asarray(got), expected)
+
+    with pytest.raises(ImageLoadError) as info:
+        again.get(7)
+    assert info.value.path == samples[7].path
+    assert info.value.reason == cache.errors[7]
+
+
+def test_cache_rebuilt_when_an_image_changes(tmp_path):
+    samples = make_images(tmp_path / "imgs", count=4, bad=2)
+    cache_dir = tmp_path / "cache"
+    first = ImageCache.build_or_load(samples, SIZE, cache_dir, workers=0)
+    Image.new("RGB", (50, 50), (9, 9, 9)).save(samples[0].path)  # different size on disk
+    second = ImageCache.build_or_load(samples, SIZE, cache_dir, workers=0)
+    assert second.array_path != first.array_path
+    assert np.all(np.asarray(second.get(0)) == 9)
+    other_size = ImageCache.build_or_load(samples, SIZE + 2, cache_dir, workers=0)
+    assert other_size.array_path not in (first.array_path, second.array_path)
+    assert other_size.get(1).size == (SIZE + 2, SIZE + 2)
+
+
+def test_cache_pickles_without_its_memmap(tmp_path):
+    samples = make_images(tmp_path / "imgs", count=5, bad=1)
+    cache = ImageCache.build_or_load(samples, SIZE, tmp_path / "cache", workers=0)
+    first = np.asarray(cache.get(0))
+    assert cache._array is not None  # opened by get()
+    data = pickle.dumps(cache)
+    assert len(data) < cache.array_path.stat().st_size  # the pixels did not travel
+    clone = pickle.loads(data)
+    assert clone._array is None
+    assert cache._array is not None  # pickling did not close the original's map
+    np.testing.assert_array_equal(np.asarray(clone.get(0)), first)
+    assert clone.errors == cache.errors
+
+
+def test_cache_decode_loader_is_picklable(tmp_path, monkeypatch):
+    """Under the spawn/forkserver start methods (macOS, Windows, Python 3.14) every DataLoader
+    argument is pickled to the workers; a lambda collate_fn would fail there."""
+    seen = []
+
+    class RecordingLoader(DataLoader):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("collate_fn"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "DataLoader", RecordingLoader)
+    samples = make_images(tmp_path / "imgs", count=3, bad=1)
+    ImageCache.build_or_load(samples, SIZE, tmp_path / "cache", workers=0)
+    assert len(seen) == 1
+    collate = pickle.loads(pickle.dumps(seen[0]))
+    assert collate([(0, "x", "")]) == [(0, "x", "")]
+
+
+def test_dataset_over_cache_with_workers(tmp_path):
+    samples = make_images(tmp_path / "imgs", count=8, bad=5)
+    cache = ImageCache.build_or_load(samples, SIZE, tmp_path / "cache", workers=0)
+    cache.get(0)  # the parent has the map open; workers must open their own
+    dataset = FaceDataset(samples, TRANSFORM, cache=cache)
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_skipping_failures)
+    seen, failures = [], []
+    for batch in loader:
+        seen.extend(batch["indices"].tolist())
+        failures.extend(batch["failures"])
+    assert sorted(seen) == [0, 1, 2, 3, 4, 6, 7]
+    assert failures == [(5, cache.errors[5])]

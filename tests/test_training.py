@@ -1,0 +1,174 @@
+"""End-to-end training on the synthetic pattern dataset: console format, CSV log, checkpoints, bad images,
+configs, and resuming a run killed with SIGKILL."""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from race_classifier.cli import main as cli_main
+from race_classifier.data.synthetic import PATTERNS, generate
+from race_classifier.models.checkpoint import load_model
+from race_classifier.training.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = "mobilenetv3_small_050"  # small enough that a test epoch takes a second
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory) -> Path:
+    """train.txt / val.txt / classes.txt for 4 pattern classes, split by identity."""
+    root = tmp_path_factory.mktemp("data")
+    generate(root / "images", identities_per_class=6, images_per_identity=3, size=32, seed=1)
+    out = root / "manifests"
+    assert cli_main(["prepare", "folder", str(root / "images"), "--out", str(out),
+                     "--taxonomy", ",".join(PATTERNS), "--val_fraction", "0.34"]) == 0
+    return out
+
+
+def train_args(manifests: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--dataset", "smoke", "--checkpoint_dir", str(run_dir), "--log_file", str(run_dir / "log.csv"),
+            "--train_txt", str(manifests / "train.txt"), "--val_txt", str(manifests / "val.txt"),
+            "--arch", ARCH, "--image_size", "32", "--batch_size", "8", "--workers", "0", *extra]
+
+
+def read_log(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_epoch_lines_csv_and_checkpoints(manifests, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_main(train_args(manifests, run, "--num_epochs", "2")) == 0
+    out = capsys.readouterr().out
+
+    epoch_line = re.compile(r"^Epoch (\d)/2 \| Train Loss: \d+\.\d{4}, Train Accuracy: \d+\.\d\d% \| "
+                            r"Val Loss: \d+\.\d{4}, Val Accuracy: \d+\.\d\d%$", re.M)
+    assert [m.group(1) for m in epoch_line.finditer(out)] == ["1", "2"]
+    assert out.count("Class-wise accuracies:") == 2
+    for name in PATTERNS:
+        assert len(re.findall(rf"^ - {name}_accuracy: \d+\.\d\d%$", out, re.M)) == 2
+
+    with open(run / "log.csv") as f:
+        assert f.read().count("epoch,train_loss") == 1  # header once
+    rows = read_log(run / "log.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {f"{c}_accuracy" for c in PATTERNS} | {"lr", "epoch_time_s", "val_accuracy"} <= set(rows[0])
+    # The console shows the same figures as the CSV.
+    last = [m for m in epoch_line.finditer(out)][-1].group(0)
+    assert f"Val Accuracy: {100 * float(rows[-1]['val_accuracy']):.2f}%" in last
+
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(run / name, map_location="cpu", weights_only=True)
+        assert ckpt["arch"] == ARCH and ckpt["taxonomy"]["classes"] == list(PATTERNS)
+        assert ckpt["preprocessing"]["image_size"] == 32 and len(ckpt["preprocessing"]["mean"]) == 3
+        assert ckpt["train_args"]["batch_size"] == 8
+    # The best checkpoint alone rebuilds the model, and scores what the log says it scored.
+    best = torch.load(run / "best.pt", weights_only=True)
+    loaded = load_model(run / "best.pt")
+    assert loaded.taxonomy.classes == tuple(PATTERNS)
+    from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
+    from race_classifier.data.manifest import read_manifest
+    from race_classifier.data.transforms import build_transform
+    from race_classifier.training.engine import evaluate
+    val = FaceDataset(read_manifest(manifests / "val.txt", loaded.taxonomy), build_transform(loaded.preprocessing, False))
+    loader = torch.utils.data.DataLoader(val, batch_size=8, collate_fn=collate_skipping_failures)
+    result = evaluate(loaded.model, loader, torch.device("cpu"), None, len(PATTERNS))
+    assert result["accuracy"] == pytest.approx(best["metrics"]["val_accuracy"], abs=1e-6)
+
+
+def test_bad_image_is_skipped_and_listed(manifests, tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    train_txt = tmp_path / "train.txt"
+    train_txt.write_text((manifests / "train.txt").read_text() + f"{bad}\tstripes\t\t\n")
+    run = tmp_path / "run"
+    args = train_args(manifests, run, "--num_epochs", "1", "--taxonomy", str(manifests / "classes.txt"))
+    args[args.index("--train_txt") + 1] = str(train_txt)
+    assert train_main(args) == 0
+    out = capsys.readouterr().out
+    assert "Skipped 1 unreadable image(s) in epoch 1" in out and str(bad) in out
+    assert read_log(run / "log.csv")[0]["skipped_images"] == "1"
+    assert str(bad) in (run / "skipped_images.txt").read_text()
+
+
+def test_unknown_label_names_file_and_line(manifests, tmp_path, caplog):
+    train_txt = tmp_path / "train.txt"
+    lines = (manifests / "train.txt").read_text().splitlines()
+    lines[3] = lines[3].split("\t")[0] + "\tzigzags\t\t"
+    train_txt.write_text("\n".join(lines) + "\n")
+    args = train_args(manifests, tmp_path / "run", "--num_epochs", "1", "--taxonomy", str(manifests / "classes.txt"))
+    args[args.index("--train_txt") + 1] = str(train_txt)
+    assert train_main(args) == 2
+    assert f"{train_txt}:4" in caplog.text and "zigzags" in caplog.text
+
+
+def test_existing_run_needs_resume_or_overwrite(manifests, tmp_path, caplog):
+    run = tmp_path / "run"
+    assert train_main(train_args(manifests, run, "--num_epochs", "1")) == 0
+    assert train_main(train_args(manifests, run, "--num_epochs", "1")) == 2
+    assert "--resume" in caplog.text
+    assert train_main(train_args(manifests, run, "--num_epochs", "1", "--overwrite")) == 0
+    assert len(read_log(run / "log.csv")) == 1
+
+
+def test_yaml_config_sets_defaults_and_flags_win(manifests, tmp_path):
+    from race_classifier.training.config import parse_args
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"batch_size": 16, "learning_rate": 0.01, "arch": "resnet18"}))
+    args = parse_args(["-c", str(cfg), *train_args(manifests, tmp_path / "r", "--learning_rate", "0.5")])
+    assert args.batch_size == 8  # train_args passes --batch_size 8 on the command line
+    assert args.learning_rate == 0.5 and args.num_epochs == 50
+    args = parse_args(["-c", str(cfg), "--dataset", "x", "--train_txt", "t", "--val_txt", "v"])
+    assert (args.batch_size, args.learning_rate, args.arch) == (16, 0.01, "resnet18")
+    assert args.checkpoint_dir == str(Path("runs") / "x")
+    cfg.write_text("bacth_size: 3\n")
+    with pytest.raises(SystemExit):
+        parse_args(["-c", str(cfg), "--dataset", "x", "--train_txt", "t", "--val_txt", "v"])
+
+
+def _metrics(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
+
+
+def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(manifests, tmp_path):
+    """Kill -9 in the middle of epoch 2, resume: 3 epochs logged once each, figures as if never killed."""
+    reference = tmp_path / "reference"
+    assert train_main(train_args(manifests, reference, "--num_epochs", "3")) == 0
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "train.py"), *train_args(manifests, run, "--num_epochs", "3",
+                                                               "--save_every_steps", "1")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if (run / "last.pt").is_file():
+                resume = torch.load(run / "last.pt", weights_only=True)["resume"]
+                if resume["epoch"] == 1 and resume["progress"] and resume["progress"]["batches"] >= 1:
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail("training never reached the middle of epoch 2")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(read_log(run / "log.csv")) == 1
+
+    assert train_main(train_args(manifests, run, "--num_epochs", "3", "--resume")) == 0
+    rows = read_log(run / "log.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    expected = _metrics(read_log(reference / "log.csv"))
+    for got, want in zip(_metrics(rows), expected):
+        for key in want:
+            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-6), key
