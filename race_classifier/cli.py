@@ -8,6 +8,20 @@ import sys
 from race_classifier import __version__
 
 
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def run_command(func, args) -> int:
+    """Run a subcommand; bad input (unknown label, malformed line, missing file) is one clear line, exit 2."""
+    setup_logging()
+    try:
+        return func(args)
+    except (ValueError, FileNotFoundError) as e:
+        logging.getLogger("race_classifier").error("%s", e)
+        return 2
+
+
 def _synth(args) -> int:
     from race_classifier.data.synthetic import SMOKE_BANNER, generate
     root = generate(args.out, args.identities, args.images, args.size, args.seed)
@@ -17,6 +31,7 @@ def _synth(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from race_classifier.data import prepare
+    from race_classifier.evaluation import cli as evaluation
     from race_classifier.training import config
 
     parser = argparse.ArgumentParser(prog="race-classifier", description=__doc__)
@@ -30,7 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier from manifests (same flags as train.py)")
     config.add_arguments(p)
-    p.set_defaults(func=None)
+
+    p = sub.add_parser("evaluate", help="score a model on labelled images: CSV, metrics with CIs, HTML report")
+    evaluation.add_arguments(p)
+    p.set_defaults(func=evaluation.run)
+
+    p = sub.add_parser("compare", help="score a model and a baseline (e.g. production) on the same images, "
+                       "with paired significance tests")
+    evaluation.add_arguments(p, baseline_required=True)
+    p.set_defaults(func=evaluation.run)
 
     p = sub.add_parser("synth", help="generate the embedded synthetic smoke-test dataset (abstract patterns)")
     p.add_argument("--out", required=True)
@@ -45,17 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        # train has its own resolver (YAML config defaults), shared with the root train.py.
+        # train resolves its YAML config defaults itself, shared with the root train.py.
         from race_classifier.training.train import main as train_main
         return train_main(argv[1:])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input (unknown label, malformed line, missing source): one clear line, no traceback.
-        logging.getLogger("race_classifier").error("%s", e)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

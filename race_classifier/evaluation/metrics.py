@@ -1,14 +1,37 @@
-"""Classification metrics from scikit-learn, summarised per class.
+"""Classification metrics from scikit-learn, summarised per class, per subgroup, with bootstrap CIs.
 
 A class with no examples has no accuracy (None), never 0% or 100%.
+
+The labels are perceived, socially constructed categories; an audit therefore reports every figure
+per group with a confidence interval, so that a small group's noisy accuracy is not read as a fact.
+
+Two entry points:
+
+* ``summarize`` / ``per_class_accuracy``: the light figures training logs every epoch.
+* ``evaluate_predictions``: the evaluation report's figures from a predictions table (one row per
+  image: ``path``, ``y_true``, ``y_pred``, ``confidence``, ``prob_<i>``, ``gender``, ``age``, ``error``).
+
+Bootstrap: image indices are resampled once, as an ``(n_boot, n)`` array, and turned into a matrix of
+per-resample multiplicities ``W``; every statistic is a weighted rate computed from ``W`` (one matrix
+product), so all CIs of one report come from the very same resamples.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
-from sklearn.metrics import confusion_matrix
+import pandas as pd
+from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
 
+N_CALIBRATION_BINS = 15
+# FairFace's age ranges, in order; UTKFace's integer ages are binned into them.
+AGE_RANGES = ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70"]
+_AGE_UPPER = [2, 9, 19, 29, 39, 49, 59, 69]  # inclusive upper bound of each range but the last
+TEXT_COLUMNS = ("path", "gender", "age", "error")
+
+
+# --------------------------------------------------------------------------- training-time summary
 
 def per_class_accuracy(cm: np.ndarray) -> list[float | None]:
     """Recall of each class (the brief's "class-wise accuracy"): diagonal over row sums."""
@@ -29,4 +52,301 @@ def summarize(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) ->
         "per_class_accuracy": per_class,
         "support": cm.sum(axis=1).astype(int).tolist(),
         "confusion_matrix": cm.astype(int).tolist(),
+    }
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def _num(x) -> float | None:
+    """A plain float for JSON, or None for an undefined value (None / NaN / inf)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def age_group(value) -> str:
+    """FairFace age range of ``value``: ranges ('3-9', 'more than 70') pass through; integer ages
+    (UTKFace) are binned into FairFace's ranges (70 and over -> 'more than 70'); unknown -> ''."""
+    text = "" if value is None else str(value).strip()
+    if text.lower() in ("", "nan", "none"):
+        return ""
+    try:
+        age = float(text)
+    except ValueError:
+        return text  # already a range label
+    if not math.isfinite(age) or age < 0:
+        raise ValueError(f"not an age: {value!r}")
+    for upper, label in zip(_AGE_UPPER, AGE_RANGES):
+        if int(age) <= upper:
+            return label
+    return AGE_RANGES[-1]
+
+
+def _age_sort_key(label: str):
+    # FairFace's order first, any other label after them, alphabetically.
+    return (AGE_RANGES.index(label), "") if label in AGE_RANGES else (len(AGE_RANGES), label)
+
+
+# --------------------------------------------------------------------------- the predictions table
+
+def normalize_predictions(df: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """A copy with text columns as clean strings ('' for missing: CSVs read '' back as NaN), integer
+    labels, and a boolean ``is_error`` column (an ``error`` text, or y_pred == -1: unreadable image)."""
+    missing = {"path", "y_true", "y_pred"} - set(df.columns)
+    if missing:
+        raise ValueError(f"predictions table lacks columns: {sorted(missing)}")
+    out = df.copy()
+    for column in TEXT_COLUMNS:
+        values = out[column] if column in out.columns else pd.Series("", index=out.index)
+        values = values.astype(object)
+        out[column] = values.where(values.notna(), "").astype(str).str.strip()
+    out["y_true"] = out["y_true"].astype(int)
+    out["y_pred"] = out["y_pred"].fillna(-1).astype(int)
+    k = len(classes)
+    if not out["y_true"].between(0, k - 1).all():
+        raise ValueError(f"y_true outside 0..{k - 1}")
+    out["is_error"] = (out["error"] != "") | (out["y_pred"] < 0)
+    if not out.loc[~out["is_error"], "y_pred"].between(0, k - 1).all():
+        raise ValueError(f"y_pred outside 0..{k - 1} on a row without an error")
+    return out
+
+
+def clean_predictions(df: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.DataFrame, int]:
+    """(rows read fine, number of error rows): error rows are excluded from every metric but counted."""
+    out = normalize_predictions(df, classes)
+    return out[~out["is_error"]].reset_index(drop=True), int(out["is_error"].sum())
+
+
+def probability_matrix(df: pd.DataFrame, num_classes: int) -> np.ndarray | None:
+    """(n, K) probabilities from ``prob_0..prob_{K-1}``, or None when any is missing (a labels-only baseline)."""
+    columns = [f"prob_{i}" for i in range(num_classes)]
+    if not set(columns) <= set(df.columns):
+        return None
+    probs = df[columns].to_numpy(dtype=float)
+    return None if np.isnan(probs).any() else probs
+
+
+def subgroup_masks(df: pd.DataFrame, classes: Sequence[str]) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """dimension -> [(group label, boolean row mask)] for 'gender', 'age', 'race_x_gender'.
+
+    Only dimensions where some row has a value; rows with an empty value are left out of that dimension.
+    """
+    n = len(df)
+    gender = df["gender"].to_numpy(str) if "gender" in df else np.full(n, "")
+    age = np.array([age_group(a) for a in df["age"]], dtype=str) if "age" in df else np.full(n, "")
+    y = df["y_true"].to_numpy(int)
+    genders = sorted(str(g) for g in set(gender) - {""})
+    dims: dict[str, list[tuple[str, np.ndarray]]] = {}
+    if genders:
+        dims["gender"] = [(g, gender == g) for g in genders]
+    ages = sorted((str(a) for a in set(age) - {""}), key=_age_sort_key)
+    if ages:
+        dims["age"] = [(a, age == a) for a in ages]
+    if genders:
+        # race = the (perceived) true class: how accurate the model is for, say, Black women.
+        cells = [(f"{classes[c]} × {g}", (y == c) & (gender == g)) for c in range(len(classes)) for g in genders]
+        dims["race_x_gender"] = [(label, mask) for label, mask in cells if mask.any()]
+    return dims
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) image indices drawn with replacement, seeded."""
+    if n == 0:
+        return np.zeros((n_boot, 0), dtype=np.intp)
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def resample_weights(indices: np.ndarray, n: int) -> np.ndarray:
+    """(n_boot, n) float matrix: how many times each image is drawn in each resample."""
+    n_boot = len(indices)
+    offsets = (indices + n * np.arange(n_boot)[:, None]).ravel()
+    return np.bincount(offsets, minlength=n_boot * n).reshape(n_boot, n).astype(float)
+
+
+def weighted_rate(weights: np.ndarray, values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Per weight row: weighted mean of ``values`` over ``mask``; NaN where the mask draws nothing."""
+    mask = np.ones(weights.shape[1], float) if mask is None else np.asarray(mask, float)
+    den = weights @ mask
+    num = weights @ (np.asarray(values, float) * mask)
+    return np.divide(num, den, out=np.full(len(den), np.nan), where=den > 0)
+
+
+def class_recalls(weights: np.ndarray, y_true: np.ndarray, correct: np.ndarray, num_classes: int) -> np.ndarray:
+    """(rows, K) weighted recall of each class; NaN where a class is not drawn."""
+    onehot = (np.asarray(y_true)[:, None] == np.arange(num_classes)).astype(float)
+    den = weights @ onehot
+    num = weights @ (onehot * np.asarray(correct, float)[:, None])
+    return np.divide(num, den, out=np.full(den.shape, np.nan), where=den > 0)
+
+
+def balanced_rate(weights: np.ndarray, y_true: np.ndarray, correct: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per weight row: mean recall over the classes drawn (absent classes have no recall)."""
+    recalls = class_recalls(weights, y_true, correct, num_classes)
+    present = ~np.isnan(recalls)
+    total = np.where(present, recalls, 0.0).sum(axis=1)
+    count = present.sum(axis=1)
+    return np.divide(total, count, out=np.full(len(count), np.nan), where=count > 0)
+
+
+def percentile_ci(samples: np.ndarray, ci: float) -> tuple[float | None, float | None]:
+    """Percentile interval of the bootstrap samples, skipping NaN (resamples where it is undefined)."""
+    samples = np.asarray(samples, float)
+    samples = samples[~np.isnan(samples)]
+    if samples.size == 0:
+        return None, None
+    tail = 100 * (1 - ci) / 2
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return _num(low), _num(high)
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], np.ndarray], weights: np.ndarray, ci: float) -> dict:
+    """{"value", "ci_low", "ci_high"}: ``statistic`` maps a (rows, n) weight matrix to one value per row;
+    all-ones weights give the point estimate, the resample weights its bootstrap distribution."""
+    value = _num(statistic(np.ones((1, weights.shape[1])))[0])
+    low, high = percentile_ci(statistic(weights), ci) if value is not None else (None, None)
+    return {"value": value, "ci_low": low, "ci_high": high}
+
+
+# --------------------------------------------------------------------------- calibration
+
+def expected_calibration_error(confidence, correct, n_bins: int = N_CALIBRATION_BINS) -> tuple[float | None, list[dict]]:
+    """(ECE, reliability bins): equal-width confidence bins (lo, hi], the first one closed at 0;
+    ECE = sum over bins of count/n * |accuracy - mean confidence|. Empty bins: accuracy/confidence None."""
+    confidence = np.asarray(confidence, float)
+    correct = np.asarray(correct, float)
+    which = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        in_bin = which == b
+        count = int(in_bin.sum())
+        acc = float(correct[in_bin].mean()) if count else None
+        conf = float(confidence[in_bin].mean()) if count else None
+        if count:
+            ece += count / len(confidence) * abs(acc - conf)
+        bins.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "count": count, "accuracy": acc, "confidence": conf})
+    return (float(ece) if len(confidence) else None), bins
+
+
+def _calibration(valid: pd.DataFrame, probs: np.ndarray | None, correct: np.ndarray, num_classes: int) -> dict:
+    """log loss, ECE and reliability bins; None (and empty bins) without probabilities."""
+    if probs is None or len(valid) == 0:
+        _, empty = expected_calibration_error([], [])
+        return {"log_loss": None, "ece": None, "reliability": empty}
+    # Probabilities read back from a CSV are rounded; renormalise so sklearn sees rows summing to 1.
+    sums = probs.sum(axis=1, keepdims=True)
+    probs = np.divide(probs, sums, out=np.full_like(probs, 1 / num_classes), where=sums > 0)
+    pred = valid["y_pred"].to_numpy(int)
+    confidence = valid["confidence"].to_numpy(float) if "confidence" in valid else np.full(len(valid), np.nan)
+    confidence = np.where(np.isnan(confidence), probs[np.arange(len(pred)), pred], confidence)
+    ece, bins = expected_calibration_error(confidence, correct)
+    loss = log_loss(valid["y_true"].to_numpy(int), probs, labels=list(range(num_classes)))
+    return {"log_loss": _num(loss), "ece": ece, "reliability": bins}
+
+
+# --------------------------------------------------------------------------- report sections
+
+def _per_class(y: np.ndarray, pred: np.ndarray, correct: np.ndarray, classes: Sequence[str],
+               weights: np.ndarray, ci: float) -> list[dict]:
+    k = len(classes)
+    if len(y):
+        precision, _, f1, _ = precision_recall_fscore_support(y, pred, labels=list(range(k)), zero_division=0)
+    else:
+        precision = f1 = np.zeros(k)
+    rows = []
+    for c, name in enumerate(classes):
+        mask = y == c
+        # accuracy = recall; resamples that draw no image of the class are skipped (NaN).
+        accuracy = bootstrap_ci(lambda w, m=mask: weighted_rate(w, correct, m), weights, ci)
+        rows.append({"class": name, "support": int(mask.sum()), "accuracy": accuracy,
+                     "precision": float(precision[c]), "f1": float(f1[c])})
+    return rows
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> tuple[list, list]:
+    cm = np.zeros((k, k), dtype=int)
+    np.add.at(cm, (y, pred), 1)
+    support = cm.sum(axis=1)
+    normalized = [(cm[i] / support[i]).tolist() if support[i] else None for i in range(k)]
+    return cm.tolist(), normalized
+
+
+def _subgroups(valid: pd.DataFrame, classes: Sequence[str], correct: np.ndarray,
+               weights: np.ndarray, ci: float) -> tuple[dict, dict]:
+    """(subgroups, masks): per dimension [{"group", "n", "accuracy"}], and the masks for the gaps."""
+    dims = subgroup_masks(valid, classes)
+    groups = {
+        dim: [{"group": label, "n": int(mask.sum()),
+               "accuracy": bootstrap_ci(lambda w, m=mask: weighted_rate(w, correct, m), weights, ci)}
+              for label, mask in groups]
+        for dim, groups in dims.items()
+    }
+    return groups, dims
+
+
+def subgroup_gap(groups: list[dict], masks: list[tuple[str, np.ndarray]], correct: np.ndarray,
+                 weights: np.ndarray, ci: float, min_group_size: int) -> dict | None:
+    """Largest accuracy gap between groups with n >= min_group_size (best minus worst), with the
+    bootstrap CI of that pair's difference; None with fewer than 2 such groups (nothing to compare)."""
+    eligible = [(g, m) for g, (_, m) in zip(groups, masks)
+                if g["n"] >= min_group_size and g["accuracy"]["value"] is not None]
+    if len(eligible) < 2:
+        return None
+    best = max(eligible, key=lambda e: e[0]["accuracy"]["value"])
+    worst = min(eligible, key=lambda e: e[0]["accuracy"]["value"])
+    gap = bootstrap_ci(lambda w: weighted_rate(w, correct, best[1]) - weighted_rate(w, correct, worst[1]),
+                       weights, ci)
+    return {"largest_gap": gap["value"], "best_group": best[0]["group"], "worst_group": worst[0]["group"],
+            "ci_low": gap["ci_low"], "ci_high": gap["ci_high"]}
+
+
+def _worst_class(per_class: list[dict]) -> dict | None:
+    present = [c for c in per_class if c["accuracy"]["value"] is not None]
+    if not present:
+        return None
+    worst = min(present, key=lambda c: c["accuracy"]["value"])
+    return {"class": worst["class"], "accuracy": worst["accuracy"]["value"]}
+
+
+def evaluate_predictions(df: pd.DataFrame, classes: Sequence[str], n_boot: int = 1000, seed: int = 0,
+                         ci: float = 0.95, min_group_size: int = 10) -> dict:
+    """The evaluation report's figures for one model's predictions table (JSON-serialisable).
+
+    Keys: classes, n, n_errors, ci_level, n_boot, accuracy, balanced_accuracy, macro_f1, log_loss, ece,
+    reliability, per_class, confusion_matrix, confusion_matrix_normalized, subgroups, subgroup_gaps,
+    worst_class. See the module docstring for the bootstrap.
+    """
+    classes = list(classes)
+    k = len(classes)
+    valid, n_errors = clean_predictions(df, classes)
+    y = valid["y_true"].to_numpy(int)
+    pred = valid["y_pred"].to_numpy(int)
+    correct = (y == pred).astype(float)
+    weights = resample_weights(bootstrap_indices(len(y), n_boot, seed), len(y))
+
+    per_class = _per_class(y, pred, correct, classes, weights, ci)
+    # Macro-F1 over classes present, like balanced accuracy: a class absent from the set has no F1.
+    f1_present = [c["f1"] for c in per_class if c["support"]]
+    cm, cm_normalized = _confusion(y, pred, k)
+    subgroups, masks = _subgroups(valid, classes, correct, weights, ci)
+    gaps = {dim: subgroup_gap(subgroups[dim], masks[dim], correct, weights, ci, min_group_size)
+            for dim in subgroups}
+    return {
+        "classes": classes,
+        "n": int(len(y)),
+        "n_errors": n_errors,
+        "ci_level": ci,
+        "n_boot": n_boot,
+        "accuracy": bootstrap_ci(lambda w: weighted_rate(w, correct), weights, ci),
+        "balanced_accuracy": bootstrap_ci(lambda w: balanced_rate(w, y, correct, k), weights, ci),
+        "macro_f1": float(np.mean(f1_present)) if f1_present else None,
+        **_calibration(valid, probability_matrix(valid, k), correct, k),
+        "per_class": per_class,
+        "confusion_matrix": cm,
+        "confusion_matrix_normalized": cm_normalized,
+        "subgroups": subgroups,
+        "subgroup_gaps": gaps,
+        "worst_class": _worst_class(per_class),
     }

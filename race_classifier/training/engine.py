@@ -3,6 +3,9 @@ recorded, never raised."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,6 +14,9 @@ from torch import nn
 from tqdm import tqdm
 
 from race_classifier.evaluation.metrics import summarize
+
+log = logging.getLogger("race_classifier.train")
+LOG_EVERY = 50  # batches between progress lines when no terminal shows a progress bar
 
 
 @dataclass
@@ -43,9 +49,15 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                     on_step: Callable[[int], None] | None = None) -> int:
     """Train over ``loader`` (already positioned past ``progress.batches``); returns the new global step."""
     model.train()
+    quiet = not sys.stderr.isatty()  # tqdm hides itself then; a log line every LOG_EVERY batches instead
+    started, seen_before, total = time.time(), progress.seen, progress.batches + len(loader)
     for batch in tqdm(loader, desc=desc, leave=False, disable=None, unit="batch"):
         progress.failures.update(batch["failures"])
         progress.batches += 1
+        if quiet and progress.batches % LOG_EVERY == 0 and progress.seen:
+            rate = (progress.seen - seen_before) / max(time.time() - started, 1e-9)
+            log.info("%s: batch %d/%d, loss %.4f, %.1f images/s", desc, progress.batches, total,
+                     progress.loss_sum / progress.seen, rate)
         if batch["images"] is not None:
             images = batch["images"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -20,12 +19,12 @@ from torch.utils.data import DataLoader
 
 from race_classifier.data.cache import ImageCache, cache_size_for
 from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
-from race_classifier.data.manifest import ManifestError, read_manifest
+from race_classifier.data.manifest import read_manifest
 from race_classifier.data.sampler import EpochSampler, class_balanced_weights
 from race_classifier.data.transforms import Augmentation, Preprocessing, build_transform
 from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
-from race_classifier.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from race_classifier.models.factory import WeightsMismatchError, create_model
+from race_classifier.models.checkpoint import load_checkpoint, save_checkpoint
+from race_classifier.models.factory import create_model
 from race_classifier.training import config
 from race_classifier.training.engine import EpochProgress, evaluate, train_one_epoch
 from race_classifier.training.report import append_csv_row, epoch_row, format_epoch, rewrite_csv
@@ -35,8 +34,8 @@ from race_classifier.utils import atomic_write_text
 log = logging.getLogger("race_classifier.train")
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(ValueError):
+    """A run that cannot start as asked (nothing to resume, files in the way, another model's checkpoint)."""
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -279,19 +278,11 @@ class Trainer:
         return {"best": best_row, "history": self.history}
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
 def run(args) -> int:
-    try:
-        Trainer(args).run()
-    except (ManifestError, CheckpointError, TrainingError, WeightsMismatchError, FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        return 2
+    Trainer(args).run()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    return run(config.parse_args(argv))
+    from race_classifier.cli import run_command
+    return run_command(run, config.parse_args(argv))

@@ -1,0 +1,158 @@
+"""``race-classifier evaluate`` / ``compare`` and the root ``evaluation.py``.
+
+    evaluation.py --root_dir R --model_path M --output_csv O.csv --output_html O.html [--baseline_path B]
+
+Writes the per-image CSV, a JSON of every figure (``<output_csv>.metrics.json``), the HTML report and,
+with a baseline, the baseline's per-image CSV and the side-by-side comparison with significance tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from race_classifier.evaluation.runner import (load_eval_samples, predict_samples, predictions_from_csv,
+                                               write_predictions_csv)
+from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
+from race_classifier.models.loaders import load_predictor
+from race_classifier.utils import atomic_write_text
+
+log = logging.getLogger("race_classifier.evaluate")
+
+
+def add_arguments(p: argparse.ArgumentParser, baseline_required: bool = False) -> argparse.ArgumentParser:
+    p.add_argument("--model_path", required=True, help="the model to evaluate: a checkpoint, FairFace "
+                   "ResNet-34, TorchScript or ONNX file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--root_dir", help="images as root/<race>/<identity>/<image>")
+    src.add_argument("--val_txt", help="a manifest (gender/age columns used when present)")
+    p.add_argument("--output_csv", required=True, help="per-image predictions")
+    p.add_argument("--output_html", help="self-contained HTML report")
+    p.add_argument("--taxonomy", help="evaluate in this taxonomy (default: the model's own classes)")
+    p.add_argument("--source_taxonomy", help="taxonomy of the data's labels, when it differs (mapped)")
+    p.add_argument("--label_map", help="YAML overriding the data-label mapping (class: class or null)")
+    p.add_argument("--labels", help="class order of a model file without metadata (TorchScript/ONNX)")
+    p.add_argument("--image_size", type=int, help="input size of a model file without metadata")
+    p.add_argument("--mean", type=float, nargs=3, help="normalisation mean of a model file without metadata")
+    p.add_argument("--std", type=float, nargs=3, help="normalisation std of a model file without metadata")
+    g = p.add_argument_group("baseline (e.g. the production model), scored on the same images")
+    base = g.add_mutually_exclusive_group(required=baseline_required)
+    base.add_argument("--baseline_path", help="checkpoint, FairFace ResNet-34, TorchScript or ONNX file")
+    base.add_argument("--baseline_predictions", help="CSV of the baseline's predictions: path, pred_label, "
+                      "optional prob_<class> columns")
+    g.add_argument("--baseline_labels", help="the baseline's class order/taxonomy (TorchScript, ONNX, CSV)")
+    g.add_argument("--baseline_image_size", type=int)
+    g.add_argument("--baseline_mean", type=float, nargs=3)
+    g.add_argument("--baseline_std", type=float, nargs=3)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def _pct(ci: dict | None) -> str:
+    if not ci or ci.get("value") is None:
+        return "n/a"
+    return f"{100 * ci['value']:.2f}% [{100 * ci['ci_low']:.2f}, {100 * ci['ci_high']:.2f}]"
+
+
+def print_evaluation(name: str, ev: dict, classes) -> None:
+    print(f"{name}: {ev['n']} images scored, {ev['n_errors']} unreadable")
+    print(f"  accuracy           {_pct(ev['accuracy'])}  (95% bootstrap CI)")
+    print(f"  balanced accuracy  {_pct(ev['balanced_accuracy'])}")
+    ece = "n/a" if ev.get("ece") is None else f"{ev['ece']:.4f}"
+    print(f"  macro-F1 {ev['macro_f1']:.4f}   ECE {ece}")
+    for row in ev["per_class"]:
+        print(f"   - {row['class']:<18} {_pct(row['accuracy'])}  (n={row['support']})")
+    for dim, gap in (ev.get("subgroup_gaps") or {}).items():
+        if gap:
+            print(f"  {dim}: largest gap {100 * gap['largest_gap']:.2f} points, worst group {gap['worst_group']}")
+
+
+def print_comparison(comparison: dict, name_a: str, name_b: str) -> None:
+    print(f"\n{name_a} (A) vs {name_b} (B) on {comparison['n_common']} common images "
+          f"(McNemar's exact test, paired bootstrap 95% CI of A - B):")
+    print(f"  {'':<28}{'A':>8}{'B':>8}{'A-B':>8}  {'95% CI':<18}{'p':>8}")
+    rows = comparison["overall"] + comparison["per_class"]
+    for dim_rows in comparison["subgroups"].values():
+        rows = rows + dim_rows
+    for r in rows:
+        p = "" if r["p_mcnemar"] is None else f"{r['p_mcnemar']:.4f}"
+        mark = "  *" if r["significant"] else ""
+        print(f"  {str(r['name'])[:27]:<28}{100 * r['a']:>7.2f}%{100 * r['b']:>7.2f}%{100 * r['diff']:>+7.2f}  "
+              f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]".ljust(18) + f"{p:>8}{mark}")
+    print(f"  * significant at alpha {comparison['alpha']}")
+
+
+def _device(spec: str) -> str:
+    import torch
+    return ("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec
+
+
+def run(args: argparse.Namespace) -> int:
+    from race_classifier.evaluation.compare import compare_predictions
+    from race_classifier.evaluation.metrics import evaluate_predictions
+
+    device = _device(args.device)
+    model = load_predictor(args.model_path, labels=args.labels, image_size=args.image_size,
+                           mean=args.mean, std=args.std, device=device)
+    taxonomy = get_taxonomy(args.taxonomy) if args.taxonomy else model.taxonomy
+    mapping = None
+    if args.source_taxonomy or args.label_map:
+        source = get_taxonomy(args.source_taxonomy) if args.source_taxonomy else taxonomy
+        mapping = get_mapping(source, taxonomy, load_label_map(args.label_map) if args.label_map else None)
+    samples = load_eval_samples(taxonomy, root_dir=args.root_dir, val_txt=args.val_txt, mapping=mapping)
+    classes = list(taxonomy.classes)
+
+    table = predict_samples(model, samples, taxonomy, args.batch_size, args.workers, desc=model.name)
+    write_predictions_csv(table, classes, args.output_csv)
+    evaluation = evaluate_predictions(table, classes, n_boot=args.n_boot, seed=args.seed)
+    print_evaluation(model.name, evaluation, classes)
+    results = {"model": model.info, "taxonomy": taxonomy.to_dict(), "evaluation": evaluation}
+
+    comparison = None
+    if args.baseline_path or args.baseline_predictions:
+        out = Path(args.output_csv)
+        if args.baseline_path:
+            baseline = load_predictor(args.baseline_path, labels=args.baseline_labels,
+                                      image_size=args.baseline_image_size, mean=args.baseline_mean,
+                                      std=args.baseline_std, device=device)
+            base_table = predict_samples(baseline, samples, taxonomy, args.batch_size, args.workers, desc=baseline.name)
+            base_info, base_name = baseline.info, baseline.name
+        else:
+            labels = get_taxonomy(args.baseline_labels) if args.baseline_labels else None
+            base_table = predictions_from_csv(args.baseline_predictions, samples, taxonomy, labels)
+            base_name = Path(args.baseline_predictions).name
+            base_info = {"path": args.baseline_predictions, "kind": "predictions CSV"}
+        base_info = {**base_info, "name": base_name}
+        write_predictions_csv(base_table, classes, out.with_name(out.stem + ".baseline.csv"))
+        base_eval = evaluate_predictions(base_table, classes, n_boot=args.n_boot, seed=args.seed)
+        print()
+        print_evaluation(base_name, base_eval, classes)
+        comparison = compare_predictions(table, base_table, classes, n_boot=args.n_boot, seed=args.seed)
+        comparison["baseline_info"] = base_info
+        comparison["baseline_evaluation"] = base_eval
+        print_comparison(comparison, model.name, base_name)
+        results["comparison"] = comparison
+
+    metrics_path = Path(args.output_csv).with_suffix(".metrics.json")
+    atomic_write_text(metrics_path, json.dumps(results, indent=2, default=str))
+    written = [args.output_csv, str(metrics_path)]
+    if args.output_html:
+        from race_classifier.evaluation.report import render_report
+        render_report(evaluation, table, classes, {**model.info, "name": model.name}, args.output_html,
+                      comparison=comparison)
+        written.append(args.output_html)
+    print("\nwrote " + ", ".join(written))
+    return 0
+
+
+def main(argv: list[str] | None = None, baseline_required: bool = False, prog: str = "evaluation.py") -> int:
+    from race_classifier.cli import run_command
+    parser = add_arguments(argparse.ArgumentParser(prog=prog, description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter),
+                           baseline_required)
+    return run_command(run, parser.parse_args(argv))

@@ -1,0 +1,153 @@
+"""Scoring a model on a labelled image set: one row per image, unreadable images included with their error.
+
+The predictions table (a pandas DataFrame) is what metrics, comparison and the report consume:
+path, y_true, y_pred (-1 when unreadable), confidence, prob_0..prob_{K-1}, gender, age, error.
+Predictions in another taxonomy than the evaluated one are mapped by the tables training uses
+(probabilities of merged classes are summed; dropped classes removed and the rest renormalised).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
+from race_classifier.data.manifest import Sample, read_manifest
+from race_classifier.data.transforms import build_transform
+from race_classifier.labels import LabelMapping, Taxonomy, get_mapping
+from race_classifier.models.loaders import Predictor
+from race_classifier.utils import atomic_write_text
+
+
+def load_eval_samples(taxonomy: Taxonomy, *, root_dir: str | None = None, val_txt: str | None = None,
+                      mapping: LabelMapping | None = None) -> list[Sample]:
+    """The evaluated images from a folder tree or a manifest. Missing files are kept: they become
+    rows with an error, so the report accounts for every listed image."""
+    if bool(root_dir) == bool(val_txt):
+        raise ValueError("give exactly one of --root_dir and --val_txt")
+    if val_txt:
+        return read_manifest(val_txt, taxonomy, mapping, check_files=False)
+    from race_classifier.data.prepare import scan_folder_tree
+    source = mapping.source if mapping else taxonomy
+    samples = []
+    for record in scan_folder_tree(root_dir, source):
+        index = mapping.map_label(record.label) if mapping else taxonomy.index(record.label)
+        if index is not None:
+            samples.append(Sample(record.path, index, record.gender, record.age))
+    if not samples:
+        raise ValueError(f"no images found under {root_dir}")
+    return samples
+
+
+def map_probabilities(probs: np.ndarray, mapping: LabelMapping) -> np.ndarray:
+    """(N, K_source) -> (N, K_target): sum merged classes, drop dropped ones, renormalise."""
+    out = np.zeros((len(probs), mapping.target.num_classes), dtype=np.float64)
+    for source_index, target_index in enumerate(mapping.table):
+        if target_index is not None:
+            out[:, target_index] += probs[:, source_index]
+    total = out.sum(axis=1, keepdims=True)
+    return np.divide(out, total, out=np.full_like(out, 1.0 / out.shape[1]), where=total > 0)
+
+
+def _table(samples: list[Sample], probs: np.ndarray | None, errors: dict[int, str], num_classes: int) -> pd.DataFrame:
+    n = len(samples)
+    probs = np.full((n, num_classes), np.nan) if probs is None else probs
+    ok = ~np.isnan(probs).any(axis=1)
+    y_pred = np.where(ok, np.nan_to_num(probs).argmax(axis=1), -1)
+    table = pd.DataFrame({
+        "path": [s.path for s in samples],
+        "y_true": [s.label for s in samples],
+        "y_pred": y_pred,
+        "confidence": np.where(ok, np.nan_to_num(probs).max(axis=1), np.nan),
+    })
+    for k in range(num_classes):
+        table[f"prob_{k}"] = probs[:, k]
+    table["gender"] = [s.gender for s in samples]
+    table["age"] = [s.age for s in samples]
+    table["error"] = [errors.get(i, "") for i in range(n)]
+    return table
+
+
+def predict_samples(predictor: Predictor, samples: list[Sample], taxonomy: Taxonomy,
+                    batch_size: int = 64, workers: int = 2, desc: str = "evaluating") -> pd.DataFrame:
+    """Run ``predictor`` over ``samples`` (labels in ``taxonomy``) and return the predictions table."""
+    mapping = None if predictor.taxonomy.classes == taxonomy.classes else get_mapping(predictor.taxonomy, taxonomy)
+    dataset = FaceDataset(samples, build_transform(predictor.preprocessing, train=False),
+                          draft_size=predictor.preprocessing.image_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_failures)
+    probs = np.full((len(samples), taxonomy.num_classes), np.nan)
+    errors: dict[int, str] = {}
+    for batch in tqdm(loader, desc=desc, disable=None, unit="batch"):
+        errors.update(batch["failures"])
+        if batch["images"] is None:
+            continue
+        p = predictor.predict_proba(batch["images"])
+        probs[batch["indices"].numpy()] = map_probabilities(p, mapping) if mapping else p
+    return _table(samples, probs, errors, taxonomy.num_classes)
+
+
+def predictions_from_csv(csv_path: str | Path, samples: list[Sample], taxonomy: Taxonomy,
+                         labels: Taxonomy | None = None) -> pd.DataFrame:
+    """A predictions table from a CSV the user already has: path, a predicted label column
+    (pred_label, predicted_label, prediction or label) and optional prob_<class> columns.
+
+    Labels (and probability columns) are in ``labels`` (default: the evaluated taxonomy) and mapped
+    into ``taxonomy``. Evaluated images the CSV does not cover become rows with an error.
+    """
+    csv_path = Path(csv_path)
+    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    label_col = next((c for c in ("pred_label", "predicted_label", "prediction", "label") if c in df.columns), None)
+    if "path" not in df.columns or label_col is None:
+        raise ValueError(f"{csv_path}: needs a 'path' column and a predicted label column "
+                         f"(pred_label, predicted_label, prediction or label); found {', '.join(df.columns)}")
+    labels = labels or taxonomy
+    mapping = None if labels.classes == taxonomy.classes else get_mapping(labels, taxonomy)
+    prob_cols = [f"prob_{c}" for c in labels.classes]
+    has_probs = all(c in df.columns for c in prob_cols)
+    base = csv_path.resolve().parent
+    rows = {}
+    for line, rec in enumerate(df.to_dict("records"), 2):
+        path = Path(rec["path"]) if Path(rec["path"]).is_absolute() else base / rec["path"]
+        try:
+            index = labels.index(rec[label_col])
+        except ValueError as e:
+            raise ValueError(f"{csv_path}:{line}: {e}") from None
+        if has_probs:
+            p = np.array([[float(rec[c]) for c in prob_cols]])
+        else:
+            p = np.zeros((1, labels.num_classes))
+            p[0, index] = 1.0
+        rows[str(path.resolve())] = map_probabilities(p, mapping)[0] if mapping else p[0]
+    probs = np.full((len(samples), taxonomy.num_classes), np.nan)
+    errors = {}
+    for i, s in enumerate(samples):
+        found = rows.get(str(Path(s.path).resolve()))
+        if found is None:
+            errors[i] = f"no prediction for this image in {csv_path.name}"
+        else:
+            probs[i] = found
+    table = _table(samples, probs, errors, taxonomy.num_classes)
+    if not has_probs:  # labels only: calibration figures would be meaningless
+        table = table.drop(columns=[f"prob_{k}" for k in range(taxonomy.num_classes)])
+    return table
+
+
+def write_predictions_csv(table: pd.DataFrame, classes: list[str] | tuple[str, ...], path: str | Path) -> None:
+    """The per-image CSV users read: class names instead of indices, one probability column per class."""
+    ok = table["error"] == ""
+    out = pd.DataFrame({
+        "path": table["path"],
+        "true_label": [classes[i] for i in table["y_true"]],
+        "predicted_label": [classes[i] if i >= 0 else "" for i in table["y_pred"]],
+        "confidence": table["confidence"].round(6),
+    })
+    for k, name in enumerate(classes):
+        if f"prob_{k}" in table:
+            out[f"prob_{name}"] = table[f"prob_{k}"].round(6)
+    out["correct"] = np.where(ok, table["y_true"] == table["y_pred"], "")
+    out["gender"], out["age"], out["error"] = table["gender"], table["age"], table["error"]
+    atomic_write_text(path, out.to_csv(index=False))
+

@@ -1,0 +1,142 @@
+"""One loader for every model file a user may hold, behind one interface: ``Predictor``.
+
+Recognised from the file itself:
+* a race-classifier checkpoint (classes and preprocessing inside);
+* a FairFace release checkpoint: a torchvision ResNet-34 state dict whose last layer has 18 outputs
+  (7 race, 2 gender, 9 age); 224 px, ImageNet mean/std; races in fairface7 order;
+* a TorchScript file or an ONNX file: their label order (``labels``) and preprocessing must be given.
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from race_classifier.labels import Taxonomy, get_taxonomy
+from race_classifier.models.checkpoint import FORMAT, load_model
+
+FAIRFACE_OUTPUTS = 18  # 7 race + 2 gender + 9 age logits, in that order
+FAIRFACE_RACES = "fairface7"
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+@dataclass
+class Predictor:
+    """Class probabilities in ``taxonomy`` order for a batch of preprocessed images (N, 3, H, W)."""
+    name: str
+    kind: str
+    taxonomy: Taxonomy
+    preprocessing: Preprocessing
+    run: callable = field(repr=False)  # images tensor -> logits over the taxonomy's classes (numpy or torch)
+    info: dict = field(default_factory=dict)
+
+    def predict_proba(self, images: torch.Tensor) -> np.ndarray:
+        logits = torch.as_tensor(self.run(images))  # torch models give tensors, ONNX Runtime numpy arrays
+        return torch.softmax(logits.float().cpu(), dim=1).numpy()
+
+
+def _torch_runner(model: torch.nn.Module, device: torch.device, slice_to: int | None = None):
+    @torch.no_grad()
+    def run(images: torch.Tensor) -> torch.Tensor:
+        logits = model(images.to(device))
+        return logits[:, :slice_to] if slice_to else logits
+    return run
+
+
+def _external_preprocessing(image_size: int | None, mean, std) -> Preprocessing:
+    return Preprocessing(image_size=image_size or 224, mean=tuple(mean or IMAGENET_MEAN),
+                         std=tuple(std or IMAGENET_STD), crop={})
+
+
+def _needs_labels(path: Path, labels, kind: str) -> Taxonomy:
+    if not labels:
+        raise ModelLoadError(f"{path} is a {kind} file, which does not name its classes: give their order "
+                             "(e.g. --baseline_labels fairface7, a class file, or 'White,Black,...')")
+    return get_taxonomy(labels)
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/code/") or "/code/" in n for n in z.namelist())
+
+
+def load_predictor(path: str | Path, *, labels=None, image_size: int | None = None, mean=None, std=None,
+                   device: str | torch.device = "cpu") -> Predictor:
+    """Load any supported model file. ``labels``/``image_size``/``mean``/``std`` describe files that
+    carry no metadata (TorchScript, ONNX); a race-classifier checkpoint ignores them."""
+    path, device = Path(path), torch.device(device)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        return _load_onnx(path, labels, image_size, mean, std)
+    if _is_torchscript(path):
+        taxonomy = _needs_labels(path, labels, "TorchScript")
+        model = torch.jit.load(str(path), map_location=device).eval()
+        return Predictor(path.name, "torchscript", taxonomy, _external_preprocessing(image_size, mean, std),
+                         _torch_runner(model, device), {"path": str(path), "kind": "TorchScript"})
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure: not a file we can load safely
+        raise ModelLoadError(f"{path}: not a model file that can be loaded safely "
+                             f"(a race-classifier checkpoint, FairFace state dict, TorchScript or ONNX): {e}") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return _from_checkpoint(path, device)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if isinstance(state, dict) and getattr(state.get("fc.weight"), "shape", (0,))[0] == FAIRFACE_OUTPUTS:
+        return _load_fairface(path, state, device)
+    raise ModelLoadError(f"{path}: not a race-classifier checkpoint, a FairFace ResNet-34 state dict "
+                         "(fc with 18 outputs), TorchScript or ONNX")
+
+
+def _from_checkpoint(path: Path, device: torch.device) -> Predictor:
+    loaded = load_model(path, device)
+    ckpt = loaded.checkpoint
+    info = {"path": str(path), "kind": "race-classifier checkpoint", "arch": ckpt["arch"],
+            "taxonomy": loaded.taxonomy.name, "classes": ", ".join(loaded.taxonomy.classes),
+            "preprocessing": loaded.preprocessing.to_dict(), "epoch": ckpt.get("epoch"),
+            "dataset": ckpt.get("train_args", {}).get("dataset"),
+            "training metrics": {k: v for k, v in (ckpt.get("metrics") or {}).items()
+                                 if k in ("val_accuracy", "val_balanced_accuracy", "val_loss")}}
+    return Predictor(path.name, "checkpoint", loaded.taxonomy, loaded.preprocessing,
+                     _torch_runner(loaded.model, device), info)
+
+
+def _load_fairface(path: Path, state: dict, device: torch.device) -> Predictor:
+    model = torchvision.models.resnet34(num_classes=FAIRFACE_OUTPUTS)
+    try:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    except RuntimeError as e:
+        raise ModelLoadError(f"{path}: has an 18-output fc but is not a torchvision ResNet-34 ({e})") from None
+    model.to(device).eval()
+    taxonomy = get_taxonomy(FAIRFACE_RACES)
+    info = {"path": str(path), "kind": "FairFace ResNet-34 (race logits 0-6 of 18)", "taxonomy": taxonomy.name,
+            "classes": ", ".join(taxonomy.classes)}
+    return Predictor(path.name, "fairface", taxonomy, Preprocessing(image_size=224, crop={"aligned": True, "margin": 0.25}),
+                     _torch_runner(model, device, slice_to=len(taxonomy.classes)), info)
+
+
+def _load_onnx(path: Path, labels, image_size, mean, std) -> Predictor:
+    import onnxruntime as ort
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ModelLoadError(f"{path}: not an ONNX model onnxruntime can load ({e})") from None
+    meta = session.get_modelmeta().custom_metadata_map
+    taxonomy = get_taxonomy(meta["classes"].split("\n")) if "classes" in meta else _needs_labels(path, labels, "ONNX")
+    input_name = session.get_inputs()[0].name
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        return session.run(None, {input_name: images.numpy().astype(np.float32)})[0]
+
+    return Predictor(path.name, "onnx", taxonomy, _external_preprocessing(image_size, mean, std), run,
+                     {"path": str(path), "kind": "ONNX", "classes": ", ".join(taxonomy.classes)})
