@@ -31,3 +31,41 @@ def shared_dir(request) -> Path:
     for relative in (marker.args if marker else ()):
         require_shared(root / relative)
     return root
+
+
+# --- synthetic data and a small trained model, shared by the training and evaluation tests ------------
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = "mobilenetv3_small_050"  # small enough that a test epoch takes a second
+
+
+@pytest.fixture(scope="session")
+def manifests(tmp_path_factory) -> Path:
+    """train.txt / val.txt / classes.txt for the 4 synthetic pattern classes, split by identity;
+    the images are in ``<manifests>/../images``."""
+    from race_classifier.cli import main as cli_main
+    from race_classifier.data.synthetic import PATTERNS, generate
+    root = tmp_path_factory.mktemp("data")
+    generate(root / "images", identities_per_class=6, images_per_identity=3, size=32, seed=1)
+    out = root / "manifests"
+    assert cli_main(["prepare", "folder", str(root / "images"), "--out", str(out),
+                     "--taxonomy", ",".join(PATTERNS), "--val_fraction", "0.34"]) == 0
+    return out
+
+
+def train_args(manifests: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--dataset", "smoke", "--checkpoint_dir", str(run_dir), "--log_file", str(run_dir / "log.csv"),
+            "--train_txt", str(manifests / "train.txt"), "--val_txt", str(manifests / "val.txt"),
+            "--arch", ARCH, "--image_size", "32", "--batch_size", "8", "--workers", "0", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(manifests, tmp_path_factory) -> tuple[Path, Path]:
+    """Two small checkpoints trained on the synthetic set (1 and 3 epochs): two real, different models."""
+    from race_classifier.training.train import main as train_main
+    paths = []
+    for epochs in (1, 3):
+        run = tmp_path_factory.mktemp(f"model{epochs}")
+        assert train_main(train_args(manifests, run, "--num_epochs", str(epochs), "--learning_rate", "0.003")) == 0
+        paths.append(run / "best.pt")
+    return tuple(paths)

@@ -9,7 +9,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from race_classifier.evaluation.report import fmt_ci, fmt_p, fmt_pct, render_report, thumbnail_data_uri
+from race_classifier.evaluation.report import (
+    fmt_ci,
+    fmt_p,
+    fmt_pct,
+    render_report,
+    thumbnail_data_uri,
+)
 
 CLASSES = ["Alpha", "A&B <x>", "Gamma"]
 SECTIONS = ["summary", "per-class", "confusion", "calibration", "subgroups", "mistakes", "counts", "model"]
@@ -117,7 +123,7 @@ def rendered(tmp_path_factory):
 
 
 def section(html: str, section_id: str) -> str:
-    match = re.search(rf'<section id="{re.escape(section_id)}">(.*?)</section>', html, re.S)
+    match = re.search(rf'<section id="{re.escape(section_id)}">(.*?)</section>', html, re.DOTALL)
     assert match, f"section {section_id!r} missing"
     return match.group(1)
 
@@ -136,10 +142,10 @@ def test_every_section_present(rendered, which):
 @pytest.mark.parametrize("which", ["full", "bare"])
 def test_self_contained(rendered, which):
     html = rendered[which]
-    refs = re.findall(r"""\b(src|href)\s*=\s*["']?\s*([^"'\s>]*)""", html, re.I)
+    refs = re.findall(r"""\b(src|href)\s*=\s*["']?\s*([^"'\s>]*)""", html, re.IGNORECASE)
     assert refs
     for attr, url in refs:
-        assert not re.match(r"(?:https?:)?//", url, re.I), f"external {attr}: {url}"
+        assert not re.match(r"(?:https?:)?//", url, re.IGNORECASE), f"external {attr}: {url}"
         assert url.startswith("data:" if attr.lower() == "src" else "#"), f"{attr}={url[:40]}"
     assert "<link" not in html and "@import" not in html and "url(" not in html
 

@@ -15,31 +15,11 @@ import pytest
 import torch
 import yaml
 
-from race_classifier.cli import main as cli_main
-from race_classifier.data.synthetic import PATTERNS, generate
+from race_classifier.data.synthetic import PATTERNS
 from race_classifier.models.checkpoint import load_model
 from race_classifier.training.train import main as train_main
 
-REPO = Path(__file__).resolve().parents[1]
-ARCH = "mobilenetv3_small_050"  # small enough that a test epoch takes a second
-
-
-@pytest.fixture(scope="module")
-def manifests(tmp_path_factory) -> Path:
-    """train.txt / val.txt / classes.txt for 4 pattern classes, split by identity."""
-    root = tmp_path_factory.mktemp("data")
-    generate(root / "images", identities_per_class=6, images_per_identity=3, size=32, seed=1)
-    out = root / "manifests"
-    assert cli_main(["prepare", "folder", str(root / "images"), "--out", str(out),
-                     "--taxonomy", ",".join(PATTERNS), "--val_fraction", "0.34"]) == 0
-    return out
-
-
-def train_args(manifests: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["--dataset", "smoke", "--checkpoint_dir", str(run_dir), "--log_file", str(run_dir / "log.csv"),
-            "--train_txt", str(manifests / "train.txt"), "--val_txt", str(manifests / "val.txt"),
-            "--arch", ARCH, "--image_size", "32", "--batch_size", "8", "--workers", "0", *extra]
-
+from conftest import ARCH, REPO, train_args
 
 def read_log(path: Path) -> list[dict]:
     with open(path, newline="") as f:

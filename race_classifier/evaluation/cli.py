@@ -53,18 +53,22 @@ def add_arguments(p: argparse.ArgumentParser, baseline_required: bool = False) -
     return p
 
 
+def _num(value, fmt: str = "{:.2f}%", scale: float = 100) -> str:
+    return "n/a" if value is None else fmt.format(scale * value)
+
+
 def _pct(ci: dict | None) -> str:
     if not ci or ci.get("value") is None:
         return "n/a"
-    return f"{100 * ci['value']:.2f}% [{100 * ci['ci_low']:.2f}, {100 * ci['ci_high']:.2f}]"
+    interval = "" if ci.get("ci_low") is None else f" [{100 * ci['ci_low']:.2f}, {100 * ci['ci_high']:.2f}]"
+    return f"{100 * ci['value']:.2f}%{interval}"
 
 
 def print_evaluation(name: str, ev: dict, classes) -> None:
     print(f"{name}: {ev['n']} images scored, {ev['n_errors']} unreadable")
     print(f"  accuracy           {_pct(ev['accuracy'])}  (95% bootstrap CI)")
     print(f"  balanced accuracy  {_pct(ev['balanced_accuracy'])}")
-    ece = "n/a" if ev.get("ece") is None else f"{ev['ece']:.4f}"
-    print(f"  macro-F1 {ev['macro_f1']:.4f}   ECE {ece}")
+    print(f"  macro-F1 {_num(ev['macro_f1'], '{:.4f}', 1)}   ECE {_num(ev.get('ece'), '{:.4f}', 1)}")
     for row in ev["per_class"]:
         print(f"   - {row['class']:<18} {_pct(row['accuracy'])}  (n={row['support']})")
     for dim, gap in (ev.get("subgroup_gaps") or {}).items():
@@ -80,10 +84,11 @@ def print_comparison(comparison: dict, name_a: str, name_b: str) -> None:
     for dim_rows in comparison["subgroups"].values():
         rows = rows + dim_rows
     for r in rows:
-        p = "" if r["p_mcnemar"] is None else f"{r['p_mcnemar']:.4f}"
+        p = _num(r["p_mcnemar"], "{:.4f}", 1)
         mark = "  *" if r["significant"] else ""
-        print(f"  {str(r['name'])[:27]:<28}{100 * r['a']:>7.2f}%{100 * r['b']:>7.2f}%{100 * r['diff']:>+7.2f}  "
-              f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]".ljust(18) + f"{p:>8}{mark}")
+        ci = "n/a" if r["ci_low"] is None else f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
+        print(f"  {str(r['name'])[:27]:<28}{_num(r['a']):>8}{_num(r['b']):>8}{_num(r['diff'], '{:+.2f}'):>8}  "
+              f"{ci:<18}{p:>8}{mark}")
     print(f"  * significant at alpha {comparison['alpha']}")
 
 
