@@ -10,11 +10,13 @@ import pytest
 from PIL import Image
 
 from race_classifier.data import prepare as P
+from race_classifier.data import sources as S
 from race_classifier.data.manifest import read_manifest
 from race_classifier.labels import get_taxonomy
 
 SEED5 = get_taxonomy("seed5")
 PREP_LOG = "race_classifier.data.prepare"
+SOURCES_LOG = "race_classifier.data.sources"
 
 
 def _jpeg_bytes() -> bytes:
@@ -63,7 +65,7 @@ def identity_of(path: str) -> str:
 
 
 def test_folder_tree_synonyms_map_to_seed5(tree, tmp_path):
-    records = P.scan_folder_tree(tree, SEED5)
+    records = S.scan_folder_tree(tree, SEED5)
     assert len(records) == 60
     assert {r.label for r in records} == set(FOLDER_TO_SEED5)
     assert all(Path(r.path).is_absolute() for r in records)
@@ -80,7 +82,7 @@ def test_folder_tree_synonyms_map_to_seed5(tree, tmp_path):
 
 
 def test_split_keeps_identities_apart_and_is_stratified(tree, tmp_path):
-    records = P.scan_folder_tree(tree)
+    records = S.scan_folder_tree(tree)
     train, val = P.split_by_identity(records, val_fraction=0.25, seed=3)
     assert len(train) + len(val) == len(records)
     assert not {r.identity for r in train} & {r.identity for r in val}
@@ -95,7 +97,7 @@ def test_split_keeps_identities_apart_and_is_stratified(tree, tmp_path):
 
 def test_same_seed_same_files_other_seed_other_split(tree, tmp_path):
     def val_text(seed: int, name: str) -> str:
-        P.prepare(P.scan_folder_tree(tree), tmp_path / name, "seed5", "seed5", val_fraction=0.25, seed=seed)
+        P.prepare(S.scan_folder_tree(tree), tmp_path / name, "seed5", "seed5", val_fraction=0.25, seed=seed)
         return (tmp_path / name / "val.txt").read_text()
 
     first = val_text(0, "a")
@@ -106,44 +108,44 @@ def test_same_seed_same_files_other_seed_other_split(tree, tmp_path):
 
 def test_unknown_folder_is_an_error_naming_it(tree):
     write_image(tree / "Martian" / "p1" / "a.jpg")
-    with pytest.raises(P.PrepareError, match="Martian"):
-        P.scan_folder_tree(tree, SEED5)
+    with pytest.raises(S.PrepareError, match="Martian"):
+        S.scan_folder_tree(tree, SEED5)
 
 
 def test_images_without_identity_folder_are_their_own_identities(tree, caplog):
     write_image(tree / "Indian" / "loose1.jpg")
     write_image(tree / "Indian" / "loose2.jpg")
-    with caplog.at_level(logging.WARNING, logger=PREP_LOG):
-        records = P.scan_folder_tree(tree, SEED5)
+    with caplog.at_level(logging.WARNING, logger=SOURCES_LOG):
+        records = S.scan_folder_tree(tree, SEED5)
     loose = [r for r in records if r.path.endswith(("loose1.jpg", "loose2.jpg"))]
     assert {r.identity for r in loose} == {"Indian/loose1.jpg", "Indian/loose2.jpg"}
-    assert P.count_loose_images(records) == 2
+    assert S.count_loose_images(records) == 2
     assert "own identity" in caplog.text
 
 
 def test_empty_or_missing_folder_tree_is_an_error(tmp_path):
-    with pytest.raises(P.PrepareError, match="not found"):
-        P.scan_folder_tree(tmp_path / "nowhere")
+    with pytest.raises(S.PrepareError, match="not found"):
+        S.scan_folder_tree(tmp_path / "nowhere")
     (tmp_path / "empty" / "White").mkdir(parents=True)
-    with pytest.raises(P.PrepareError, match="no images"):
-        P.scan_folder_tree(tmp_path / "empty")
+    with pytest.raises(S.PrepareError, match="no images"):
+        S.scan_folder_tree(tmp_path / "empty")
 
 
 @pytest.mark.parametrize("fraction", [0, -0.1, 0.6, 1.0])
 def test_val_fraction_out_of_range_is_an_error(tree, tmp_path, fraction):
     with pytest.raises(P.PrepareError, match="val_fraction"):
-        P.prepare(P.scan_folder_tree(tree), tmp_path / "out", "seed5", val_fraction=fraction)
+        P.prepare(S.scan_folder_tree(tree), tmp_path / "out", "seed5", val_fraction=fraction)
 
 
 def test_too_few_identities_for_the_split_is_an_error(tmp_path):
     write_image(tmp_path / "tree" / "White" / "p1" / "a.jpg")
     write_image(tmp_path / "tree" / "Black" / "p2" / "a.jpg")
     with pytest.raises(P.PrepareError, match="only 2 identities"):
-        P.split_by_identity(P.scan_folder_tree(tmp_path / "tree"), val_fraction=0.1, seed=0)
+        P.split_by_identity(S.scan_folder_tree(tmp_path / "tree"), val_fraction=0.1, seed=0)
 
 
 def test_class_without_validation_images_is_named(tree, tmp_path, caplog):
-    records = P.scan_folder_tree(tree)
+    records = S.scan_folder_tree(tree)
     val = [r for r in records if r.identity.endswith("person0") and r.label != "Indian"]
     train = [r for r in records if not r.identity.endswith("person0")]
     with caplog.at_level(logging.WARNING, logger=PREP_LOG):
@@ -184,8 +186,8 @@ def test_fairface_mangled_ages_are_fixed_and_reported(tmp_path, caplog):
         rows[i] = (*rows[i][:1], age, *rows[i][2:])
     csv_path = write_fairface(tmp_path / "ff", rows)
 
-    with caplog.at_level(logging.WARNING, logger=PREP_LOG):
-        records, report = P.read_fairface_csv(csv_path)
+    with caplog.at_level(logging.WARNING, logger=SOURCES_LOG):
+        records, report = S.read_fairface_csv(csv_path)
     assert [r.age for r in records[:6]] == ["3-9", "3-9", "10-19", "10-19", "3-9", "3-9"]
     assert report["fixed_age_count"] == 6
     assert report["fixed_ages"]["19-Oct"] == "10-19" and report["fixed_ages"]["9-Mar"] == "3-9"
@@ -197,11 +199,11 @@ def test_fairface_mangled_ages_are_fixed_and_reported(tmp_path, caplog):
                                           ("19-Oct", "10-19"), ("Oct-19", "10-19"), ("oct-19", "10-19"),
                                           ("20-29", None), ("5-Mar", None), ("Foo-19", None), ("", None)])
 def test_fix_spreadsheet_age(value, fixed):
-    assert P.fix_spreadsheet_age(value) == fixed
+    assert S.fix_spreadsheet_age(value) == fixed
 
 
 def test_fairface7_maps_to_seed5(tmp_path):
-    records, _ = P.read_fairface_csv(write_fairface(tmp_path / "ff", fairface_rows()))
+    records, _ = S.read_fairface_csv(write_fairface(tmp_path / "ff", fairface_rows()))
     assert all(r.identity == Path(r.path).relative_to(tmp_path / "ff").as_posix() for r in records)
     summary = P.prepare(records, tmp_path / "out", "fairface7", "seed5", val_fraction=0.25, seed=0)
     totals = {cls: n["train"] + n["val"] for cls, n in summary["counts"].items()}
@@ -238,22 +240,22 @@ def test_fairface_unknown_race_names_the_line(tmp_path):
     rows = fairface_rows()
     rows[2] = (rows[2][0], rows[2][1], rows[2][2], "Martian")
     csv_path = write_fairface(tmp_path / "ff", rows)
-    with pytest.raises(P.PrepareError, match=r"labels\.csv:4: race 'Martian'"):
-        P.read_fairface_csv(csv_path)
+    with pytest.raises(S.PrepareError, match=r"labels\.csv:4: race 'Martian'"):
+        S.read_fairface_csv(csv_path)
 
 
 def test_fairface_unrecognised_age_names_the_line(tmp_path):
     rows = fairface_rows()
     rows[0] = (rows[0][0], "about 40", rows[0][2], rows[0][3])
-    with pytest.raises(P.PrepareError, match=r"labels\.csv:2: unrecognised age 'about 40'"):
-        P.read_fairface_csv(write_fairface(tmp_path / "ff", rows))
+    with pytest.raises(S.PrepareError, match=r"labels\.csv:2: unrecognised age 'about 40'"):
+        S.read_fairface_csv(write_fairface(tmp_path / "ff", rows))
 
 
 def test_fairface_missing_image_is_skipped_with_a_warning(tmp_path, caplog):
     rows = fairface_rows()
     csv_path = write_fairface(tmp_path / "ff", rows, missing=(rows[1][0],))
-    with caplog.at_level(logging.WARNING, logger=PREP_LOG):
-        records, report = P.read_fairface_csv(csv_path)
+    with caplog.at_level(logging.WARNING, logger=SOURCES_LOG):
+        records, report = S.read_fairface_csv(csv_path)
     assert len(records) == len(rows) - 1
     assert len(report["missing"]) == 1
     assert f"labels.csv:3: {tmp_path / 'ff' / rows[1][0]}" in caplog.text
@@ -262,8 +264,8 @@ def test_fairface_missing_image_is_skipped_with_a_warning(tmp_path, caplog):
 def test_fairface_csv_without_required_columns_is_an_error(tmp_path):
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("file,gender\ntrain/1.jpg,Male\n")
-    with pytest.raises(P.PrepareError, match=r"labels\.csv:1: missing required column\(s\) age, race"):
-        P.read_fairface_csv(csv_path)
+    with pytest.raises(S.PrepareError, match=r"labels\.csv:1: missing required column\(s\) age, race"):
+        S.read_fairface_csv(csv_path)
 
 
 def test_fairface_folder_uses_its_validation_csv(tmp_path, capsys):
@@ -301,8 +303,8 @@ def utk(tmp_path) -> Path:
 
 
 def test_utkface_names_parsed_and_malformed_skipped(utk, caplog):
-    with caplog.at_level(logging.WARNING, logger=PREP_LOG):
-        records, problems = P.scan_utkface(utk)
+    with caplog.at_level(logging.WARNING, logger=SOURCES_LOG):
+        records, problems = S.scan_utkface(utk)
     assert len(records) == 20 and len(problems) == 4
     for name in UTK_MALFORMED:
         assert name in caplog.text

@@ -152,3 +152,26 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(manifests, tmp
     for got, want in zip(_metrics(rows), expected):
         for key in want:
             assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.shared("data/fairface/fairface_label_train.csv", "weights/mobilenet_v2-b0353104.pth")
+def test_real_faces_fairface_to_seed5_with_offline_imagenet_weights(shared_dir, tmp_path, capsys):
+    """The brief's path on real faces: prepare FairFace into seed5, fine-tune the offline MobileNetV2."""
+    from race_classifier.cli import main as cli_main
+    out = tmp_path / "fairface"
+    assert cli_main(["prepare", "fairface", str(shared_dir / "data/fairface"), "--out", str(out)]) == 0
+    for name, n in (("train.txt", 192), ("val.txt", 96)):  # a slice keeps the test to seconds
+        lines = (out / name).read_text().splitlines()
+        (out / f"small_{name}").write_text("\n".join(lines[:n + 1]) + "\n")
+    run = tmp_path / "run"
+    args = ["--dataset", "fairface_smoke", "--checkpoint_dir", str(run), "--log_file", str(run / "log.csv"),
+            "--train_txt", str(out / "small_train.txt"), "--val_txt", str(out / "small_val.txt"),
+            "--arch", "torchvision:mobilenet_v2", "--pretrained", str(shared_dir / "weights/mobilenet_v2-b0353104.pth"),
+            "--image_size", "64", "--batch_size", "32", "--num_epochs", "1", "--workers", "2"]
+    assert train_main(args) == 0
+    text = capsys.readouterr().out
+    for name in ("Asian", "Black", "Indian", "White", "Latino_Hispanic"):
+        assert re.search(rf"^ - {name}_accuracy: (\d+\.\d\d%|n/a.*)$", text, re.M), name
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    assert ckpt["taxonomy"] == {"name": "seed5", "classes": ["Asian", "Black", "Indian", "White", "Latino_Hispanic"]}
+    assert len(read_log(run / "log.csv")) == 1

@@ -30,7 +30,7 @@ def load_eval_samples(taxonomy: Taxonomy, *, root_dir: str | None = None, val_tx
         raise ValueError("give exactly one of --root_dir and --val_txt")
     if val_txt:
         return read_manifest(val_txt, taxonomy, mapping, check_files=False)
-    from race_classifier.data.prepare import scan_folder_tree
+    from race_classifier.data.sources import scan_folder_tree
     source = mapping.source if mapping else taxonomy
     samples = []
     for record in scan_folder_tree(root_dir, source):

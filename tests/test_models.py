@@ -1,0 +1,60 @@
+"""Backbones and pretrained weights: timm and torchvision names, offline weight files, safe loading."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from race_classifier.models.factory import WeightsMismatchError, create_model, read_state_dict
+
+
+def test_timm_and_torchvision_backbones_get_a_classifier_for_the_taxonomy():
+    x = torch.randn(2, 3, 64, 64)
+    for arch in ("mobilenetv3_small_050", "torchvision:mobilenet_v2", "torchvision:resnet18"):
+        model = create_model(arch, num_classes=7).eval()
+        with torch.no_grad():
+            assert model(x).shape == (2, 7), arch
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown architecture 'no_such_net'"):
+        create_model("no_such_net", 5)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        create_model("torchvision:no_such_net", 5)
+
+
+def test_local_weights_file_fills_everything_but_the_classifier(tmp_path):
+    source = create_model("torchvision:resnet18", 1000)
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    model = create_model("torchvision:resnet18", 5, pretrained=str(path))
+    got, want = model.state_dict(), source.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want if not k.startswith("fc."))
+    assert got["fc.weight"].shape == (5, 512)
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(create_model("torchvision:resnet18", 1000).state_dict(), path)
+    with pytest.raises(WeightsMismatchError, match="does not fit this architecture"):
+        create_model("torchvision:mobilenet_v2", 5, pretrained=str(path))
+    with pytest.raises(FileNotFoundError):
+        create_model("torchvision:mobilenet_v2", 5, pretrained=str(tmp_path / "absent.pth"))
+
+
+def test_weights_files_are_loaded_without_running_pickled_code(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": Payload()}, path)
+    with pytest.raises(WeightsMismatchError, match="not a weights file torch can load safely"):
+        read_state_dict(path)
+
+
+@pytest.mark.shared("weights/mobilenet_v2-b0353104.pth")
+def test_shared_imagenet_mobilenet_v2_loads_offline(shared_dir):
+    model = create_model("torchvision:mobilenet_v2", 5, pretrained=str(shared_dir / "weights/mobilenet_v2-b0353104.pth"))
+    reference = torch.load(shared_dir / "weights/mobilenet_v2-b0353104.pth", weights_only=True)
+    state = model.state_dict()
+    assert torch.equal(state["features.0.0.weight"], reference["features.0.0.weight"])
+    assert state["classifier.1.weight"].shape == (5, 1280)
