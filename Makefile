@@ -7,8 +7,13 @@ RUN    ?= runs/demo
 DATA   ?=
 TAXONOMY ?= seed5
 CONFIG ?= configs/fairface_mobilenetv2_112.yaml
+# The recipe's offline ImageNet weights; where that file is absent, the online default weights.
+PRETRAINED ?= ../shared/weights/mobilenet_v2-b0353104.pth
 
 .PHONY: demo test install dev clean
+
+EVALUATE = $(BIN)/python evaluation.py --val_txt $(RUN)/val.txt --model_path $(RUN)/model/best.pt \
+	--output_csv $(RUN)/evaluation/results.csv --output_html $(RUN)/evaluation/report.html
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +35,7 @@ demo: install
 	$(BIN)/race-classifier prepare folder $(RUN)/images --out $(RUN) --taxonomy stripes,checks,rings,dots --val_fraction 0.2
 	$(BIN)/python train.py -c configs/smoke.yaml --dataset demo --checkpoint_dir $(RUN)/model \
 		--log_file $(RUN)/model/log.csv --train_txt $(RUN)/train.txt --val_txt $(RUN)/val.txt --overwrite
+	$(EVALUATE)
 	@echo "SMOKE RUN on synthetic abstract patterns, not faces: its accuracy means nothing. Outputs in $(RUN)/"
 else
 # A real dataset: a FairFace folder (with fairface_label_train.csv) or a root/<race>/<identity>/<image> tree.
@@ -37,7 +43,8 @@ demo: install
 	if [ -f "$(DATA)/fairface_label_train.csv" ]; then kind=fairface; else kind=folder; fi; \
 	$(BIN)/race-classifier prepare $$kind "$(DATA)" --out $(RUN) --taxonomy $(TAXONOMY)
 	$(BIN)/python train.py -c $(CONFIG) --dataset demo --checkpoint_dir $(RUN)/model \
-		--log_file $(RUN)/model/log.csv --train_txt $(RUN)/train.txt --val_txt $(RUN)/val.txt --overwrite
+		--pretrained $(if $(wildcard $(PRETRAINED)),$(PRETRAINED),default) --log_file $(RUN)/model/log.csv --train_txt $(RUN)/train.txt --val_txt $(RUN)/val.txt --overwrite
+	$(EVALUATE)
 endif
 
 test: dev
