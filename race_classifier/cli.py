@@ -32,6 +32,7 @@ def _synth(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from race_classifier.data import prepare
     from race_classifier.evaluation import cli as evaluation
+    from race_classifier.export import cli as export
     from race_classifier.training import config
 
     parser = argparse.ArgumentParser(prog="race-classifier", description=__doc__)
@@ -55,11 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_arguments(p, baseline_required=True)
     p.set_defaults(func=evaluation.run)
 
+    p = sub.add_parser("export", help="export a checkpoint to a self-describing ONNX file (fp32 or int8), "
+                       "verified against PyTorch before it is written")
+    export.add_arguments(p)
+    p.set_defaults(func=export.run)
+
     p = sub.add_parser("synth", help="generate the embedded synthetic smoke-test dataset (abstract patterns)")
     p.add_argument("--out", required=True)
-    p.add_argument("--identities", type=int, default=8, help="per class")
-    p.add_argument("--images", type=int, default=6, help="per identity")
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--identities", type=int, default=24, help="per class")
+    p.add_argument("--images", type=int, default=3, help="per identity")
+    p.add_argument("--size", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
     return parser

@@ -179,7 +179,8 @@ def _summary(out_dir: Path, source: Taxonomy, target: Taxonomy, mapping: LabelMa
 def format_summary(summary: dict) -> str:
     """A plain-text table of a summary: per class train/val counts, then what was dropped or fixed."""
     width = max([len("total")] + [len(c) for c in summary["counts"]])
-    lines = [f"taxonomy {summary['target_taxonomy']} (labels read as {summary['source_taxonomy']})",
+    read_as = "" if summary["source_taxonomy"] == summary["target_taxonomy"] else f" (labels read as {summary['source_taxonomy']})"
+    lines = [f"taxonomy {summary['target_taxonomy']}{read_as}",
              f"{'class':<{width}}  {'train':>7}  {'val':>7}"]
     lines += [f"{cls:<{width}}  {n['train']:>7}  {n['val']:>7}" for cls, n in summary["counts"].items()]
     validation = ("given validation set" if summary["validation"] == "given"

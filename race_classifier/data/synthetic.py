@@ -44,8 +44,8 @@ def render(pattern: str, size: int, rng: np.random.Generator, style: dict) -> np
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def generate(root: str | Path, identities_per_class: int = 8, images_per_identity: int = 6,
-             size: int = 64, seed: int = 0) -> Path:
+def generate(root: str | Path, identities_per_class: int = 24, images_per_identity: int = 3,
+             size: int = 48, seed: int = 0) -> Path:
     """Write ``root/<pattern>/<identity>/<n>.png`` and return root."""
     root = Path(root)
     rng = np.random.default_rng(seed)

@@ -4,10 +4,12 @@ Recognised from the file itself:
 * a race-classifier checkpoint (classes and preprocessing inside);
 * a FairFace release checkpoint: a torchvision ResNet-34 state dict whose last layer has 18 outputs
   (7 race, 2 gender, 9 age); 224 px, ImageNet mean/std; races in fairface7 order;
-* a TorchScript file or an ONNX file: their label order (``labels``) and preprocessing must be given.
+* an ONNX file exported by ``race-classifier export`` (classes and preprocessing in its metadata);
+* a TorchScript file or a foreign ONNX file: their label order (``labels``) and preprocessing must be given.
 """
 from __future__ import annotations
 
+import logging
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,8 @@ import torchvision
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from race_classifier.labels import Taxonomy, get_taxonomy
 from race_classifier.models.checkpoint import FORMAT, load_model
+
+log = logging.getLogger(__name__)
 
 FAIRFACE_OUTPUTS = 18  # 7 race + 2 gender + 9 age logits, in that order
 FAIRFACE_RACES = "fairface7"
@@ -126,17 +130,73 @@ def _load_fairface(path: Path, state: dict, device: torch.device) -> Predictor:
 
 
 def _load_onnx(path: Path, labels, image_size, mean, std) -> Predictor:
+    """An ONNX file through ONNX Runtime. A file exported by ``race-classifier export`` names its classes
+    and preprocessing in its metadata; any other ONNX file needs ``labels`` (and its preprocessing)."""
     import onnxruntime as ort
+
+    from race_classifier.export.onnx import read_metadata
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ModelLoadError(f"{path}: not an ONNX model onnxruntime can load ({e})") from None
-    meta = session.get_modelmeta().custom_metadata_map
-    taxonomy = get_taxonomy(meta["classes"].split("\n")) if "classes" in meta else _needs_labels(path, labels, "ONNX")
-    input_name = session.get_inputs()[0].name
+    model_input = session.get_inputs()[0]
+    declared = list(model_input.shape)  # e.g. ['batch', 3, 112, 112]; str or None for dynamic axes
+    if len(declared) != 4:
+        raise ModelLoadError(f"{path}: expects a {len(declared)}-d input {declared}; only image models "
+                             "with one (N, C, H, W) input are supported")
+    props = session.get_modelmeta().custom_metadata_map
+    try:
+        ours = read_metadata(props)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    if ours is not None:
+        taxonomy, preprocessing, meta_info = ours["taxonomy"], ours["preprocessing"], ours["info"]
+        _warn_ignored_flags(path, preprocessing, labels, image_size, mean, std)
+        kind = "race-classifier ONNX" + (" (int8)" if "quantization" in meta_info else "")
+    else:  # a foreign file: flags describe it
+        taxonomy = (get_taxonomy(props["classes"].split("\n")) if "classes" in props
+                    else _needs_labels(path, labels, "ONNX"))
+        static = declared[2] if isinstance(declared[2], int) and declared[2] == declared[3] else None
+        if image_size and static and image_size != static:
+            raise ModelLoadError(f"{path}: its input is declared {static}x{static} px, not --image_size {image_size}")
+        preprocessing = _external_preprocessing(image_size or static, mean, std)
+        meta_info, kind = {}, "ONNX"
+    expected = _expected_input_shape(declared, preprocessing.image_size)
+    dtype = np.float16 if model_input.type == "tensor(float16)" else np.float32
 
     def run(images: torch.Tensor) -> np.ndarray:
-        return session.run(None, {input_name: images.numpy().astype(np.float32)})[0]
+        _check_input(path, tuple(images.shape), expected)
+        return session.run(None, {model_input.name: np.ascontiguousarray(images.detach().cpu().numpy(), dtype)})[0]
 
-    return Predictor(path.name, "onnx", taxonomy, _external_preprocessing(image_size, mean, std), run,
-                     {"path": str(path), "kind": "ONNX", "classes": ", ".join(taxonomy.classes)})
+    info = {"path": str(path), "kind": kind, "taxonomy": taxonomy.name, "classes": ", ".join(taxonomy.classes),
+            "preprocessing": preprocessing.to_dict(), "input": f"{model_input.name} {declared}",
+            **{k: v for k, v in meta_info.items() if k not in ("format", "format_version")}}
+    return Predictor(path.name, "onnx", taxonomy, preprocessing, run, info)
+
+
+def _expected_input_shape(declared: list, image_size: int) -> tuple:
+    """(C, H, W) a batch must have: the declared static dims, else the preprocessing's size (None: any)."""
+    channels = declared[1] if isinstance(declared[1], int) else 3
+    height = declared[2] if isinstance(declared[2], int) else image_size
+    width = declared[3] if isinstance(declared[3], int) else image_size
+    return channels, height, width
+
+
+def _check_input(path: Path, shape: tuple, expected: tuple) -> None:
+    # Checked before running: ONNX Runtime's own message for a wrong shape names graph nodes, not the cause.
+    if len(shape) != 4 or tuple(shape[1:]) != expected:
+        c, h, w = expected
+        raise ModelLoadError(f"{path.name} expects a batch of shape (N, {c}, {h}, {w}) ({c}-channel "
+                             f"{h}x{w} px images, NCHW), got {tuple(shape)}; preprocess with the model's "
+                             "own preprocessing (load_predictor(...).preprocessing)")
+
+
+def _warn_ignored_flags(path: Path, pre: Preprocessing, labels, image_size, mean, std) -> None:
+    """Flags describe foreign files; this file's metadata wins, but a flag that disagrees is said aloud."""
+    ignored = [name for name, given, own in (("image size", image_size, pre.image_size),
+                                              ("mean", mean, pre.mean), ("std", std, pre.std))
+               if given is not None and tuple(np.atleast_1d(given)) != tuple(np.atleast_1d(own))]
+    if labels:
+        ignored.append("labels")
+    if ignored:
+        log.warning("%s carries its own classes and preprocessing; ignoring the given %s", path, ", ".join(ignored))

@@ -1,0 +1,86 @@
+"""``race-classifier export``: a checkpoint to a self-describing ONNX file, fp32 or int8, verified first.
+
+    race-classifier export --model_path best.pt --output model.onnx [--opset 17]
+        [--quantize int8 --calib_txt train.txt] [--val_txt val.txt] [--calib_images 256]
+
+The file is written only if ONNX Runtime agrees with PyTorch (fp32: every probability within 1e-4)
+and, for int8 with --val_txt, accuracy drops by at most --max_accuracy_drop points.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from race_classifier.export.onnx import DEFAULT_OPSET, FP32_TOLERANCE, ExportReport, export_checkpoint
+from race_classifier.export.quantize import CALIBRATION_METHODS, DEFAULT_CALIBRATION
+
+log = logging.getLogger("race_classifier.export")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model_path", required=True, help="a race-classifier checkpoint (best.pt)")
+    p.add_argument("--output", required=True, help="the .onnx file to write (int8 with --quantize int8)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    p.add_argument("--quantize", choices=["int8"], help="int8: static QDQ with --calib_txt, else dynamic")
+    p.add_argument("--calib_txt", help="manifest whose images calibrate static int8 (e.g. train.txt)")
+    p.add_argument("--calib_images", type=int, default=256, help="calibration images drawn from --calib_txt "
+                   "(default %(default)s)")
+    p.add_argument("--calib_method", choices=CALIBRATION_METHODS, default=DEFAULT_CALIBRATION,
+                   help="activation range calibration (default %(default)s)")
+    p.add_argument("--val_txt", help="labelled images: parity and fp32 / int8 accuracy are measured on them")
+    p.add_argument("--max_val_images", type=int, help="use at most this many --val_txt images")
+    p.add_argument("--max_accuracy_drop", type=float, default=1.0,
+                   help="refuse an int8 model losing more accuracy points than this on --val_txt (default %(default)s)")
+    p.add_argument("--fp32_output", help="with --quantize, also write the verified fp32 model here")
+    p.add_argument("--report_json", help="also write the parity/accuracy report here")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="image-loading processes (default %(default)s)")
+    return p
+
+
+def _samples(manifest: str | None, taxonomy, limit: int | None = None):
+    from race_classifier.data.manifest import read_manifest
+    if not manifest:
+        return None
+    samples = read_manifest(manifest, taxonomy)
+    return samples[:limit] if limit else samples
+
+
+def print_report(report: ExportReport) -> None:
+    print(f"compared on {report.n_images} {report.images}:")
+    ok = "ok" if report.fp32.max_abs_diff <= FP32_TOLERANCE else "FAIL"
+    print(f"  ONNX Runtime fp32 vs PyTorch: max |probability difference| {report.fp32.max_abs_diff:.2e} "
+          f"(limit {FP32_TOLERANCE:g}: {ok}), top-1 agreement {100 * report.fp32.top1_agreement:.2f}%")
+    if report.int8 is not None:
+        print(f"  ONNX Runtime int8 ({report.quantization['mode']}) vs PyTorch: max |probability difference| "
+              f"{report.int8.max_abs_diff:.3f}; int8 vs fp32 top-1 agreement {100 * report.int8_vs_fp32.top1_agreement:.2f}%")
+    if report.accuracy:
+        acc = report.accuracy
+        line = f"  accuracy: PyTorch {100 * acc['torch']:.2f}%  ONNX fp32 {100 * acc['onnx_fp32']:.2f}%"
+        if "onnx_int8" in acc:
+            line += (f"  ONNX int8 {100 * acc['onnx_int8']:.2f}%  "
+                     f"(int8 - fp32: {100 * (acc['onnx_int8'] - acc['onnx_fp32']):+.2f} points)")
+        print(line)
+    elif report.int8 is not None:
+        print("  int8 accuracy not measured: give --val_txt")
+
+
+def run(args: argparse.Namespace) -> int:
+    from race_classifier.models.checkpoint import load_checkpoint
+    from race_classifier.labels import Taxonomy
+    from race_classifier.utils import atomic_write_text
+
+    # Manifests are read in the model's own classes; an unknown label stops here, before any work.
+    taxonomy = Taxonomy.from_dict(load_checkpoint(args.model_path)["taxonomy"])
+    report = export_checkpoint(
+        args.model_path, args.output, opset=args.opset, quantize=args.quantize,
+        calib_samples=_samples(args.calib_txt, taxonomy), val_samples=_samples(args.val_txt, taxonomy, args.max_val_images),
+        calib_images=args.calib_images, calib_method=args.calib_method, max_accuracy_drop=args.max_accuracy_drop,
+        batch_size=args.batch_size, workers=args.workers, fp32_output=args.fp32_output)
+    print_report(report)
+    if args.report_json:
+        atomic_write_text(args.report_json, json.dumps(report.to_dict(), indent=2))
+    written = [args.output] + ([args.fp32_output] if args.fp32_output else [])
+    print("wrote " + ", ".join(written))
+    return 0
