@@ -21,7 +21,7 @@ from race_classifier.data.cache import ImageCache, cache_size_for
 from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
 from race_classifier.data.manifest import read_manifest
 from race_classifier.data.sampler import EpochSampler, class_balanced_weights
-from race_classifier.data.transforms import Augmentation, Preprocessing, build_transform
+from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augmentation, Preprocessing, build_transform
 from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
 from race_classifier.models.checkpoint import load_checkpoint, save_checkpoint
 from race_classifier.models.factory import create_model
@@ -79,7 +79,15 @@ class Trainer:
         self.val_samples = read_manifest(args.val_txt, self.taxonomy, mapping)
         self._warn_about_class_coverage()
 
-        self.preprocessing = Preprocessing(image_size=args.image_size)
+        seed_everything(args.seed)
+        pretrained = None if args.resume else args.pretrained
+        self.model = create_model(args.arch, self.taxonomy.num_classes, pretrained, args.drop_rate).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        # Normalise as the backbone was pretrained (timm records it; torchvision's are ImageNet's).
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        self.preprocessing = Preprocessing(image_size=args.image_size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                                           std=tuple(cfg.get("std", IMAGENET_STD)))
         aug = Augmentation(hflip=args.hflip, scale=(args.scale_min, 1.0), color_jitter=args.color_jitter)
         train_cache = val_cache = None
         if args.cache_dir:
@@ -90,12 +98,6 @@ class Trainer:
                                      train_cache, draft_size=args.image_size)
         self.val_set = FaceDataset(self.val_samples, build_transform(self.preprocessing, False),
                                    val_cache, draft_size=args.image_size)
-
-        seed_everything(args.seed)
-        pretrained = None if args.resume else args.pretrained
-        self.model = create_model(args.arch, self.taxonomy.num_classes, pretrained, args.drop_rate).to(self.device)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
 
         self.drop_last = len(self.train_set) >= args.batch_size  # no size-1 batches for BatchNorm
         self.steps_per_epoch = max(1, len(self.train_set) // args.batch_size if self.drop_last else 1)
