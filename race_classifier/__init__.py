@@ -3,3 +3,14 @@
 The labels these models predict are perceived, socially constructed categories, not facts about a person.
 """
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: ``import race_classifier`` stays light (no torch, no ONNX Runtime) until Classifier is used.
+    if name == "Classifier":
+        from race_classifier.inference.classifier import Classifier
+        return Classifier
+    raise AttributeError(f"module 'race_classifier' has no attribute {name!r}")
+
+
+__all__ = ["Classifier", "__version__"]

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     from race_classifier.data import prepare
     from race_classifier.evaluation import cli as evaluation
     from race_classifier.export import cli as export
+    from race_classifier.inference import cli as predict
     from race_classifier.training import config
 
     parser = argparse.ArgumentParser(prog="race-classifier", description=__doc__)
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "verified against PyTorch before it is written")
     export.add_arguments(p)
     p.set_defaults(func=export.run)
+
+    p = sub.add_parser("predict", help="find, align and classify the faces in photos, folders, lists or a video")
+    predict.add_arguments(p)
+    p.set_defaults(func=predict.run)
 
     p = sub.add_parser("synth", help="generate the embedded synthetic smoke-test dataset (abstract patterns)")
     p.add_argument("--out", required=True)

@@ -12,7 +12,7 @@ import argparse
 import json
 import logging
 
-from race_classifier.export.onnx import DEFAULT_OPSET, FP32_TOLERANCE, ExportReport, export_checkpoint
+from race_classifier.export.onnx import DEFAULT_OPSET, FP32_TOLERANCE, ExportReport, draw, export_checkpoint
 from race_classifier.export.quantize import CALIBRATION_METHODS, DEFAULT_CALIBRATION
 
 log = logging.getLogger("race_classifier.export")
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--calib_method", choices=CALIBRATION_METHODS, default=DEFAULT_CALIBRATION,
                    help="activation range calibration (default %(default)s)")
     p.add_argument("--val_txt", help="labelled images: parity and fp32 / int8 accuracy are measured on them")
-    p.add_argument("--max_val_images", type=int, help="use at most this many --val_txt images")
+    p.add_argument("--max_val_images", type=int, help="use a seeded random subset of this many --val_txt images")
     p.add_argument("--max_accuracy_drop", type=float, default=1.0,
                    help="refuse an int8 model losing more accuracy points than this on --val_txt (default %(default)s)")
     p.add_argument("--fp32_output", help="with --quantize, also write the verified fp32 model here")
@@ -44,7 +44,7 @@ def _samples(manifest: str | None, taxonomy, limit: int | None = None):
     if not manifest:
         return None
     samples = read_manifest(manifest, taxonomy)
-    return samples[:limit] if limit else samples
+    return draw(samples, limit) if limit else samples
 
 
 def print_report(report: ExportReport) -> None:
@@ -67,8 +67,8 @@ def print_report(report: ExportReport) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from race_classifier.models.checkpoint import load_checkpoint
     from race_classifier.labels import Taxonomy
+    from race_classifier.models.checkpoint import load_checkpoint
     from race_classifier.utils import atomic_write_text
 
     # Manifests are read in the model's own classes; an unknown label stops here, before any work.
