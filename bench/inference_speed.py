@@ -80,16 +80,20 @@ def eager_runner(model: torch.nn.Module):
     return run
 
 
-def timed_interleaved(runners: dict, inputs: list[torch.Tensor], runs: int, warmup: int) -> dict[str, np.ndarray]:
-    """Seconds per call of each runner; calls alternate between runners so load drifts hit all alike."""
+def timed_interleaved(runners: dict, inputs: list[torch.Tensor], runs: int, warmup: int,
+                      block: int = 25) -> dict[str, np.ndarray]:
+    """Seconds per call of each runner. Runners take turns in blocks of ``block`` calls, so load drifts
+    hit all alike while each block runs with warm caches (alternating every call would charge each
+    backend for the cache misses the others cause)."""
     times = {name: [] for name in runners}
-    for i in range(warmup + runs):
-        x = inputs[i % len(inputs)]
+    for start in range(0, warmup + runs, block):
         for name, run in runners.items():
-            start = time.perf_counter()
-            run(x)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+            for i in range(start, min(start + block, warmup + runs)):
+                x = inputs[i % len(inputs)]
+                began = time.perf_counter()
+                run(x)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - began)
     return {name: np.array(t) for name, t in times.items()}
 
 

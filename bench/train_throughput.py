@@ -5,7 +5,7 @@ Measures, for each input path, the loader alone (decode + augment) and full trai
 (loader + forward + backward + AdamW), on the same images, model and thread count. Speeds are
 reported as a ratio against the JPEG path measured in the same run: machines here are shared and noisy.
 
-    python bench/train_throughput.py [--images 2048] [--image_size 112] [--json out.json]
+    python bench/train_throughput.py [--images 2048] [--image_size 112] [--upscale 1024] [--json out.json]
 
 Uses ../shared/data/fairface when present, else the synthetic pattern set (say so in any report).
 """
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from race_classifier.data.cache import ImageCache, cache_size_for
@@ -31,13 +32,23 @@ from race_classifier.models.factory import create_model
 FAIRFACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fairface" / "train"
 
 
-def sample_images(n: int, workdir: Path) -> tuple[list[Sample], str]:
+def sample_images(n: int, workdir: Path, upscale: int | None) -> tuple[list[Sample], str]:
     if FAIRFACE.is_dir():
         paths = [FAIRFACE / f"{i}.jpg" for i in range(1, n + 1)]
-        return [Sample(str(p), i % 5) for i, p in enumerate(paths)], "FairFace JPEGs (224 px)"
-    root = generate(workdir / "synthetic", identities_per_class=n // 4 + 1, images_per_identity=1, size=224)
-    paths = sorted(root.rglob("*.png"))[:n]
-    return [Sample(str(p), i % 4) for i, p in enumerate(paths)], "synthetic PNGs (224 px; no ../shared)"
+        source = "FairFace JPEGs (224 px)"
+    else:
+        root = generate(workdir / "synthetic", identities_per_class=n // 4 + 1, images_per_identity=1, size=224)
+        paths = sorted(root.rglob("*.png"))[:n]
+        source = "synthetic PNGs (224 px; no ../shared)"
+    if upscale:
+        # Large originals (scraped photos, 1-megapixel crops) are where decoding starves the model.
+        big = workdir / f"up{upscale}"
+        big.mkdir()
+        for i, p in enumerate(paths):
+            Image.open(p).convert("RGB").resize((upscale, upscale), Image.Resampling.BICUBIC).save(big / f"{i}.jpg", quality=95)
+        paths = [big / f"{i}.jpg" for i in range(len(paths))]
+        source += f", re-saved as {upscale} px JPEGs"
+    return [Sample(str(p), i % 5) for i, p in enumerate(paths)], source
 
 
 def measure(loader: DataLoader, model, optimizer, steps: int, warmup: int = 2) -> float:
@@ -65,11 +76,12 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="timed training steps per path")
     p.add_argument("--arch", default="torchvision:mobilenet_v2")
+    p.add_argument("--upscale", type=int, help="re-save the images at this size first (large originals)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        samples, source = sample_images(args.images, Path(tmp))
+        samples, source = sample_images(args.images, Path(tmp), args.upscale)
         pre = Preprocessing(image_size=args.image_size)
         transform = build_transform(pre, train=True)
         t0 = time.perf_counter()
@@ -88,7 +100,7 @@ def main(argv=None) -> int:
 
     jpeg, cached = results["jpeg"], results["cache"]
     table = {
-        "source": source, "images": args.images, "image_size": args.image_size, "arch": args.arch,
+        "source": source, "upscale": args.upscale, "images": args.images, "image_size": args.image_size, "arch": args.arch,
         "batch_size": args.batch_size, "workers": args.workers, "torch_threads": torch.get_num_threads(),
         "cache_build_s": round(cache_build_s, 2),
         "results": results,
