@@ -139,9 +139,9 @@ def main(argv=None) -> int:
     for r in rows:
         ratio = (f"detection {100 * r['detection_share']:.0f}% of total" if "detection_share" in r else
                  f"{r['speedup_vs_one_at_a_time']:.2f}x one-at-a-time" if "speedup_vs_one_at_a_time" in r else "")
-        print(f"{r['what']:36s} {r.get('median_ms', float('nan')):10.1f} {r.get('p95_ms', float('nan')):8.1f} "
-              f"{100 * r['recall'] if 'recall' in r else float('nan'):6.1f}% "
-              f"{r.get('photos_per_s', float('nan')):9.1f}  {ratio}")
+        cell = lambda key, width, scale=1.0, unit="": (f"{scale * r[key]:.1f}{unit}" if key in r else "-").rjust(width)  # noqa: E731
+        print(f"{r['what']:36s} {cell('median_ms', 10)} {cell('p95_ms', 8)} {cell('recall', 7, 100, '%')} "
+              f"{cell('photos_per_s', 9)}  {ratio}")
     if args.json:
         Path(args.json).write_text(json.dumps({"photos": len(images), "faces": faces, "rows": rows}, indent=1))
     return 0
