@@ -6,6 +6,10 @@ Recognised from the file itself:
   (7 race, 2 gender, 9 age); 224 px, ImageNet mean/std; races in fairface7 order;
 * an ONNX file exported by ``race-classifier export`` (classes and preprocessing in its metadata);
 * a TorchScript file or a foreign ONNX file: their label order (``labels``) and preprocessing must be given.
+
+Checkpoints and state dicts load with ``weights_only=True``: no pickled code runs. A TorchScript file is a
+program (TorchScript, not arbitrary Python) and runs as such: load only one you trust, such as your own
+production model.
 """
 from __future__ import annotations
 
