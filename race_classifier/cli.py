@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from race_classifier.evaluation import cli as evaluation
     from race_classifier.export import cli as export
     from race_classifier.inference import cli as predict
-    from race_classifier.training import config
+    from race_classifier.training import config, finalize
 
     parser = argparse.ArgumentParser(prog="race-classifier", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier from manifests (same flags as train.py)")
     config.add_arguments(p)
+
+    p = sub.add_parser("calibrate", help="fit a temperature and an abstention threshold on validation data, "
+                       "store them in a checkpoint and write its MODEL_CARD.md (training does this itself)")
+    finalize.add_arguments(p)
+    p.set_defaults(func=finalize.run)
 
     p = sub.add_parser("evaluate", help="score a model on labelled images: CSV, metrics with CIs, HTML report")
     evaluation.add_arguments(p)

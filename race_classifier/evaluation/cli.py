@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser, baseline_required: bool = False) -
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--abstain", action="store_true", help="also report coverage and accuracy on the images the "
+                   "model answers with its stored abstention threshold (calibrated checkpoints and their exports)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     return p
@@ -74,6 +76,15 @@ def print_evaluation(name: str, ev: dict, classes) -> None:
     for dim, gap in (ev.get("subgroup_gaps") or {}).items():
         if gap:
             print(f"  {dim}: largest gap {100 * gap['largest_gap']:.2f} points, worst group {gap['worst_group']}")
+    cal = ev.get("calibration")
+    if cal:
+        print(f"  temperature {cal['temperature']:.3f}: ECE {_num(cal['ece_before'], '{:.4f}', 1)} uncalibrated -> "
+              f"{_num(cal['ece_after'], '{:.4f}', 1)} calibrated")
+    ab = ev.get("abstention")
+    if ab:
+        print(f"  abstention (confidence >= {ab['threshold']:.4f}): coverage {_pct(ab['coverage_ci'])}, "
+              f"accuracy on answered {_pct(ab['selective_accuracy'])} ({ab['n_answered']} of {ab['n']} images; "
+              f"{_num(ab['accuracy_all'])} on all)")
 
 
 def print_comparison(comparison: dict, name_a: str, name_b: str) -> None:
@@ -97,6 +108,30 @@ def _device(spec: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec
 
 
+def _add_calibration(evaluation: dict, table, model, *, mapped: bool, abstain: bool, n_boot: int, seed: int) -> None:
+    """A model with a stored temperature: its ``ece`` is the calibrated one; add ``calibration`` with the ECE
+    the raw softmax would have had. ``abstain``: add ``abstention``, coverage and accuracy on answered images."""
+    from race_classifier.evaluation.calibration import selective_accuracy, uncalibrated
+    from race_classifier.evaluation.metrics import clean_predictions, expected_calibration_error
+
+    valid, _ = clean_predictions(table, evaluation["classes"])
+    correct = (valid["y_true"] == valid["y_pred"]).to_numpy(float)
+    confidence = valid["confidence"].to_numpy(float)
+    if model.temperature != 1.0 and not mapped:  # mapped probabilities are sums: not softmax(z / T) any more
+        k = len(evaluation["classes"])
+        probs = valid[[f"prob_{i}" for i in range(k)]].to_numpy(float)
+        raw = uncalibrated(probs, model.temperature)
+        evaluation["calibration"] = {"temperature": model.temperature,
+                                     "ece_before": expected_calibration_error(raw.max(1), correct)[0],
+                                     "ece_after": evaluation["ece"]}
+    if abstain:
+        threshold = model.abstention_threshold
+        if threshold is None:
+            raise ValueError(f"--abstain: {model.name} has no stored abstention threshold (calibrate a "
+                             "checkpoint with `race-classifier calibrate`, then export it again)")
+        evaluation["abstention"] = selective_accuracy(confidence, correct, threshold, n_boot=n_boot, seed=seed)
+
+
 def run(args: argparse.Namespace) -> int:
     from race_classifier.evaluation.compare import compare_predictions
     from race_classifier.evaluation.metrics import evaluate_predictions
@@ -115,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
     table = predict_samples(model, samples, taxonomy, args.batch_size, args.workers, desc=model.name)
     write_predictions_csv(table, classes, args.output_csv)
     evaluation = evaluate_predictions(table, classes, n_boot=args.n_boot, seed=args.seed)
+    _add_calibration(evaluation, table, model, mapped=model.taxonomy.classes != taxonomy.classes,
+                     abstain=args.abstain, n_boot=args.n_boot, seed=args.seed)
     print_evaluation(model.name, evaluation, classes)
     results = {"model": model.info, "taxonomy": taxonomy.to_dict(), "evaluation": evaluation}
 

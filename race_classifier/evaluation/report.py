@@ -333,6 +333,7 @@ def _summary(evaluation: dict, classes: list[str]) -> dict:
         "n_errors": evaluation.get("n_errors"),
         "worst_class": _class_name(classes, worst["class"]) if worst.get("class") is not None else None,
         "worst_accuracy": worst.get("accuracy"),
+        "abstention": evaluation.get("abstention"),
     }
 
 

@@ -89,6 +89,27 @@ def predict_samples(predictor: Predictor, samples: list[Sample], taxonomy: Taxon
     return _table(samples, probs, errors, taxonomy.num_classes)
 
 
+def predict_logits(predictor: Predictor, samples: list[Sample], batch_size: int = 64, workers: int = 2,
+                   desc: str = "scoring") -> tuple[np.ndarray, dict[int, str]]:
+    """(raw logits (N, K) over the predictor's own classes, NaN rows for unreadable images; {index: error}).
+    No temperature is applied: what calibration is fitted on."""
+    dataset = FaceDataset(samples, build_transform(predictor.preprocessing, train=False),
+                          draft_size=predictor.preprocessing.image_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_failures)
+    logits = np.full((len(samples), predictor.taxonomy.num_classes), np.nan)
+    errors: dict[int, str] = {}
+    for batch in tqdm(loader, desc=desc, disable=None, unit="batch"):
+        errors.update(batch["failures"])
+        if batch["images"] is not None:
+            logits[batch["indices"].numpy()] = predictor.logits(batch["images"]).numpy()
+    return logits, errors
+
+
+def predictions_table(samples: list[Sample], probs: np.ndarray, errors: dict[int, str], num_classes: int) -> pd.DataFrame:
+    """The predictions table from probabilities already computed (NaN rows: unreadable images)."""
+    return _table(samples, probs, errors, num_classes)
+
+
 def predictions_from_csv(csv_path: str | Path, samples: list[Sample], taxonomy: Taxonomy,
                          labels: Taxonomy | None = None) -> pd.DataFrame:
     """A predictions table from a CSV the user already has: path, a predicted label column

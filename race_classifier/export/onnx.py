@@ -11,6 +11,8 @@ An exported file holds, in its ``metadata_props`` (keys below, values JSON where
   race_classifier.source          source checkpoint: file name, epoch, dataset, metrics
   race_classifier.exporter        race-classifier / torch / onnx versions and opset
   race_classifier.quantization    the int8 recipe (quantized files only)
+  race_classifier.calibration     temperature, ECE/NLL before and after, abstention threshold (checkpoints
+                                  calibrated on validation data only); the loader divides logits by it
 
 so ``load_predictor(model.onnx)`` needs no flags. Graph: input "input" (N, 3, H, W) float32 with a
 dynamic batch axis, output "logits" (N, K).
@@ -58,7 +60,7 @@ def build_metadata(checkpoint: dict, taxonomy: Taxonomy, preprocessing: Preproce
     source_info = {"checkpoint": source.name, "epoch": checkpoint.get("epoch"),
                    "dataset": (checkpoint.get("train_args") or {}).get("dataset"),
                    "metrics": checkpoint.get("metrics") or {}}
-    return {
+    metadata = {
         "format": ONNX_FORMAT,
         "format_version": str(ONNX_FORMAT_VERSION),
         "taxonomy": json.dumps(taxonomy.to_dict()),
@@ -68,6 +70,10 @@ def build_metadata(checkpoint: dict, taxonomy: Taxonomy, preprocessing: Preproce
         "exporter": json.dumps({"race_classifier": __version__, "torch": torch.__version__,
                                 "onnx": onnx.__version__, "opset": opset}),
     }
+    if checkpoint.get("calibration"):
+        # The graph outputs raw logits; the loader applies the temperature, as it does for the checkpoint.
+        metadata["calibration"] = json.dumps(checkpoint["calibration"], default=str)
+    return metadata
 
 
 def write_metadata(path: str | Path, metadata: dict[str, str]) -> None:

@@ -129,10 +129,18 @@ class Classifier:
 
     @classmethod
     def load(cls, path: str | Path, *, labels=None, image_size: int | None = None, mean=None, std=None,
-             device: str = "cpu", **options) -> "Classifier":
-        """A classifier for any model file ``load_predictor`` reads; ``options`` as for ``Classifier``."""
-        return cls(load_predictor(path, labels=labels, image_size=image_size, mean=mean, std=std,
-                                  device=device), **options)
+             device: str = "cpu", abstain: bool = False, **options) -> "Classifier":
+        """A classifier for any model file ``load_predictor`` reads; ``options`` as for ``Classifier``.
+
+        ``abstain``: faces below the model's stored abstention threshold (fitted on validation data) are
+        labelled ``uncertain``; an explicit ``min_confidence`` wins over it."""
+        predictor = load_predictor(path, labels=labels, image_size=image_size, mean=mean, std=std, device=device)
+        if abstain and options.get("min_confidence") is None:
+            if predictor.abstention_threshold is None:
+                raise ValueError(f"{path} has no stored abstention threshold: calibrate it with "
+                                 "`race-classifier calibrate` (or give --min-confidence)")
+            options["min_confidence"] = predictor.abstention_threshold
+        return cls(predictor, **options)
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-detect", action="store_true", help="inputs are face crops already: classify each whole")
     p.add_argument("--min-face", type=int, default=32, help="ignore faces smaller than this (pixels, shorter side)")
     p.add_argument("--min-confidence", type=float, help="label faces below this confidence 'uncertain'")
+    p.add_argument("--abstain", action="store_true", help="label faces below the model's stored abstention "
+                   "threshold 'uncertain' (fitted on validation data; --min-confidence, if given, wins)")
     p.add_argument("--batch-size", type=int, default=32, help="face crops per model call, across images")
     p.add_argument("--detect-size", type=int, default=480,
                    help="longer side photos are shrunk to for detection (crops come from the full image)")
@@ -149,7 +151,7 @@ def build_classifier(args) -> "Classifier":
     from race_classifier.inference.classifier import Classifier
     return Classifier.load(args.model, labels=args.labels, image_size=args.image_size, mean=args.mean,
                            std=args.std, device=args.device, detect=not args.no_detect, min_face=args.min_face,
-                           min_confidence=args.min_confidence, batch_size=args.batch_size,
+                           min_confidence=args.min_confidence, abstain=args.abstain, batch_size=args.batch_size,
                            detect_size=args.detect_size, detect_threshold=args.detect_threshold)
 
 

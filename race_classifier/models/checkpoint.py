@@ -3,6 +3,10 @@
 Keys (all plain Python types and tensors, so ``torch.load(..., weights_only=True)`` reads it):
   format, format_version, arch, num_classes, state_dict, taxonomy, preprocessing,
   train_args, epoch, metrics, history, and for resuming (``last.pt``) a ``resume`` dict.
+best.pt also gets, once training ends (or from ``race-classifier calibrate``), ``calibration``:
+  {"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "fitted_on", "n",
+   "abstention": {"threshold", "target_coverage", "coverage", "accuracy_at_coverage", "accuracy_all"}}
+Files without it load as before (temperature 1, no abstention threshold).
 """
 from __future__ import annotations
 

@@ -45,10 +45,29 @@ class Predictor:
     preprocessing: Preprocessing
     run: callable = field(repr=False)  # images tensor -> logits over the taxonomy's classes (numpy or torch)
     info: dict = field(default_factory=dict)
+    # Fitted on validation data (race-classifier checkpoints and their ONNX exports): {"temperature", ...,
+    # "abstention": {"threshold", ...}}; None for files without one (temperature 1, no threshold).
+    calibration: dict | None = None
+
+    @property
+    def temperature(self) -> float:
+        return float((self.calibration or {}).get("temperature") or 1.0)
+
+    @property
+    def abstention_threshold(self) -> float | None:
+        """The stored confidence threshold for abstaining ('uncertain'), or None when there is none."""
+        threshold = ((self.calibration or {}).get("abstention") or {}).get("threshold")
+        return None if threshold is None else float(threshold)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw float32 logits (N, K) on the CPU, before any temperature."""
+        return torch.as_tensor(self.run(images)).float().cpu()  # torch models give tensors, ONNX Runtime numpy
 
     def predict_proba(self, images: torch.Tensor) -> np.ndarray:
-        logits = torch.as_tensor(self.run(images))  # torch models give tensors, ONNX Runtime numpy arrays
-        return torch.softmax(logits.float().cpu(), dim=1).numpy()
+        """softmax(logits / temperature): calibrated probabilities when the file carries a temperature."""
+        logits = self.logits(images)
+        temperature = self.temperature
+        return torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=1).numpy()
 
 
 def _torch_runner(model: torch.nn.Module, device: torch.device, slice_to: int | None = None):
@@ -115,8 +134,11 @@ def _from_checkpoint(path: Path, device: torch.device) -> Predictor:
             "dataset": ckpt.get("train_args", {}).get("dataset"),
             "training metrics": {k: v for k, v in (ckpt.get("metrics") or {}).items()
                                  if k in ("val_accuracy", "val_balanced_accuracy", "val_loss")}}
+    calibration = ckpt.get("calibration")
+    if calibration:
+        info["calibration"] = calibration
     return Predictor(path.name, "checkpoint", loaded.taxonomy, loaded.preprocessing,
-                     _torch_runner(loaded.model, device), info)
+                     _torch_runner(loaded.model, device), info, calibration=calibration or None)
 
 
 def _load_fairface(path: Path, state: dict, device: torch.device) -> Predictor:
@@ -175,7 +197,15 @@ def _load_onnx(path: Path, labels, image_size, mean, std) -> Predictor:
     info = {"path": str(path), "kind": kind, "taxonomy": taxonomy.name, "classes": ", ".join(taxonomy.classes),
             "preprocessing": preprocessing.to_dict(), "input": f"{model_input.name} {declared}",
             **{k: v for k, v in meta_info.items() if k not in ("format", "format_version")}}
-    return Predictor(path.name, "onnx", taxonomy, preprocessing, run, info)
+    calibration = meta_info.get("calibration")
+    if calibration is not None and not (isinstance(calibration, dict) and _valid_temperature(calibration)):
+        raise ModelLoadError(f"{path}: malformed race_classifier.calibration metadata: {calibration!r}")
+    return Predictor(path.name, "onnx", taxonomy, preprocessing, run, info, calibration=calibration or None)
+
+
+def _valid_temperature(calibration: dict) -> bool:
+    t = calibration.get("temperature", 1.0)
+    return isinstance(t, (int, float)) and t > 0
 
 
 def _expected_input_shape(declared: list, image_size: int) -> tuple:

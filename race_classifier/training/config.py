@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="start afresh even if the run's files exist")
     g.add_argument("--save_every_steps", type=int, default=0,
                    help="also checkpoint mid-epoch every N steps, so a killed run loses at most N steps")
+    g.add_argument("--abstain_coverage", type=float, default=0.95,
+                   help="after training, best.pt gets a temperature and an abstention threshold fitted on the "
+                        "validation set; the threshold answers this share of validation faces")
     return p
 
 
@@ -94,4 +97,6 @@ def resolve(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse
     for name in ("batch_size", "num_epochs", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if not 0 < args.abstain_coverage <= 1:
+        parser.error("--abstain_coverage must be in (0, 1]")
     return args

@@ -1,4 +1,5 @@
-"""The training run: manifests -> datasets -> model -> epochs -> best.pt / last.pt, console and CSV log.
+"""The training run: manifests -> datasets -> model -> epochs -> best.pt / last.pt, console and CSV log;
+then best.pt is calibrated on the validation set and MODEL_CARD.md written beside it (training/finalize.py).
 
 A run killed at any moment (even SIGKILL mid-epoch) continues with ``--resume``: last.pt holds the
 optimizer, scaler, RNG and sampler position, and the CSV log is rewritten from the checkpoint's history,
@@ -169,6 +170,8 @@ class Trainer:
                                 "continue that run, --overwrite to start afresh, or another --checkpoint_dir")
         for p in existing:
             p.unlink()
+        if self.args.overwrite:  # the previous run's card must not sit beside this run's checkpoint
+            (self.dir / "MODEL_CARD.md").unlink(missing_ok=True)
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def restore(self) -> None:
@@ -260,7 +263,19 @@ class Trainer:
             self._report_skipped(val["failures"], self.val_samples, epoch + 1)
         if args.patience and self._epochs_since_best(best_metric) >= args.patience:
             print(f"Early stopping: no {best_metric} improvement in {args.patience} epochs", flush=True)
-        return self._summary(best_metric)
+        summary = self._summary(best_metric)
+        self.finalize()
+        return summary
+
+    def finalize(self) -> dict | None:
+        """Temperature and abstention threshold fitted on the validation set, stored in best.pt (never
+        last.pt), and MODEL_CARD.md beside it; skipped when no epoch produced a best.pt."""
+        from race_classifier.training.finalize import finalize_run
+        return finalize_run(self.best_path, self.val_samples, val_txt=self.args.val_txt,
+                            train_samples=self.train_samples, train_txt=self.args.train_txt,
+                            coverage=self.args.abstain_coverage, batch_size=self.args.batch_size,
+                            workers=self.args.workers, device=self.device, seed=self.args.seed,
+                            epochs_run=len(self.history))
 
     def _epochs_since_best(self, metric: str) -> int:
         best_index, best = -1, None

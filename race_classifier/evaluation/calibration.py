@@ -1,0 +1,114 @@
+"""Temperature scaling and abstention, both fitted on validation data.
+
+Temperature scaling (Guo et al. 2017) divides a model's logits by one number T > 0 chosen to minimise the
+negative log-likelihood on held-out data: the predicted class never changes (argmax is unaffected), only
+how confident the probabilities are. ``fit_temperature`` does the fit.
+
+Abstention: a confidence threshold below which a face is answered ``uncertain``, chosen so that a target
+share of validation faces (``coverage``, e.g. 0.95) is answered: the (1 - coverage) quantile of the
+calibrated top-class probabilities. ``choose_threshold`` picks it, ``selective_accuracy`` reports coverage
+and accuracy on the answered images.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, logsumexp
+
+from race_classifier.evaluation.metrics import bootstrap_ci, bootstrap_indices, resample_weights, weighted_rate
+
+# Search range of log T: T in [0.02, 50] covers any model we have seen (T ~ 0.5-3 is usual).
+_LOG_T_BOUNDS = (math.log(0.02), math.log(50.0))
+
+
+def _as_arrays(logits, labels) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(logits, "detach"):  # a torch tensor
+        logits = logits.detach().cpu().numpy()
+    if hasattr(labels, "detach"):
+        labels = labels.detach().cpu().numpy()
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 2 or len(logits) != len(labels):
+        raise ValueError(f"expected (N, K) logits and N labels, got {logits.shape} and {labels.shape}")
+    return logits, labels
+
+
+def nll(logits, labels, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``labels`` under softmax(logits / temperature)."""
+    logits, labels = _as_arrays(logits, labels)
+    if len(labels) == 0:
+        return float("nan")
+    scaled = logits / temperature
+    return float(np.mean(logsumexp(scaled, axis=1) - scaled[np.arange(len(labels)), labels]))
+
+
+def fit_temperature(logits, labels) -> float:
+    """The T > 0 minimising the NLL of softmax(logits / T) on (``logits``, ``labels``); 1.0 without data.
+
+    A 1-d problem, solved on log T (so T stays positive) by bounded Brent search, in float64."""
+    logits, labels = _as_arrays(logits, labels)
+    if len(labels) == 0:
+        return 1.0
+    rows = np.arange(len(labels))
+
+    def objective(log_t: float) -> float:
+        scaled = logits / math.exp(log_t)
+        return float(np.mean(logsumexp(scaled, axis=1) - scaled[rows, labels]))
+
+    result = minimize_scalar(objective, bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
+    return float(math.exp(result.x))
+
+
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    return np.exp(log_softmax(logits / temperature, axis=1))
+
+
+def uncalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(z) from softmax(z / T): log p = z / T + c per row, so softmax(T log p) = softmax(z).
+    Exact up to float precision (probabilities that underflowed to 0 are clipped at 1e-300)."""
+    log_p = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-300, None))
+    return softmax(log_p * temperature)
+
+
+def choose_threshold(confidence, coverage: float) -> float | None:
+    """The confidence threshold answering ``coverage`` of these faces (confidence >= threshold): the
+    (1 - coverage) quantile, taken at an observed value so that at least that share is answered."""
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    confidence = np.asarray(confidence, dtype=np.float64)
+    if confidence.size == 0:
+        return None
+    return float(np.quantile(confidence, 1 - coverage, method="lower"))
+
+
+def abstention_summary(confidence, correct, threshold: float | None, target_coverage: float | None = None) -> dict:
+    """{"threshold", "target_coverage", "coverage", "n", "n_answered", "accuracy_at_coverage", "accuracy_all"}."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    answered = confidence >= threshold if threshold is not None else np.zeros(len(confidence), bool)
+    return {
+        "threshold": threshold,
+        "target_coverage": target_coverage,
+        "coverage": float(answered.mean()) if len(confidence) else None,
+        "n": int(len(confidence)),
+        "n_answered": int(answered.sum()),
+        "accuracy_at_coverage": float(correct[answered].mean()) if answered.any() else None,
+        "accuracy_all": float(correct.mean()) if len(correct) else None,
+    }
+
+
+def selective_accuracy(confidence, correct, threshold: float, n_boot: int = 1000, seed: int = 0,
+                       ci: float = 0.95) -> dict:
+    """Coverage and accuracy on the answered images (confidence >= threshold), with bootstrap CIs."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    answered = (confidence >= threshold).astype(float)
+    weights = resample_weights(bootstrap_indices(len(correct), n_boot, seed), len(correct))
+    summary = abstention_summary(confidence, correct, threshold)
+    summary.pop("target_coverage")
+    summary["coverage_ci"] = bootstrap_ci(lambda w: weighted_rate(w, answered), weights, ci)
+    summary["selective_accuracy"] = bootstrap_ci(lambda w: weighted_rate(w, correct, answered), weights, ci)
+    return summary

@@ -1,0 +1,235 @@
+"""After training: calibrate best.pt on the validation set and write its model card.
+
+``finalize_run`` (called at the end of every training run, and by ``race-classifier calibrate`` for
+checkpoints trained before it existed):
+
+1. scores the validation set with best.pt, keeping the raw logits;
+2. fits a temperature (``evaluation.calibration.fit_temperature``) and an abstention threshold answering
+   ``coverage`` of the validation faces;
+3. stores them in best.pt under ``calibration`` (re-saved atomically, every other key kept; last.pt is
+   never touched, so ``--resume`` works as before);
+4. writes MODEL_CARD.md beside the checkpoint (Mitchell et al. 2019), filled from the run's own figures.
+
+    race-classifier calibrate --model_path runs/x/best.pt --val_txt val.txt [--coverage 0.95]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI parser imports this module for every subcommand: heavy imports happen when used
+    import numpy as np
+    import torch
+
+    from race_classifier.data.manifest import Sample
+    from race_classifier.labels import Taxonomy
+
+log = logging.getLogger("race_classifier.calibrate")
+
+MODEL_CARD = "MODEL_CARD.md"
+CARD_TEMPLATE = "model_card.md.j2"
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "evaluation" / "templates"
+# The card's section headings, in order (Mitchell et al. 2019, "Model Cards for Model Reporting").
+CARD_SECTIONS = ("Model details", "Intended use", "Out-of-scope uses", "Factors", "Metrics",
+                 "Calibration and abstention", "Training and evaluation data", "Ethical considerations",
+                 "Caveats and recommendations")
+DEFAULT_COVERAGE = 0.95
+
+
+def calibrate_logits(logits: np.ndarray, labels: np.ndarray, coverage: float = DEFAULT_COVERAGE) -> dict:
+    """Temperature, ECE/NLL before and after, and the abstention threshold, from readable rows only."""
+    import numpy as np
+
+    from race_classifier.evaluation.calibration import (abstention_summary, choose_threshold, fit_temperature,
+                                                        nll, softmax)
+    from race_classifier.evaluation.metrics import expected_calibration_error
+    logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
+    temperature = fit_temperature(logits, labels)
+    before, after = softmax(logits), softmax(logits, temperature)
+    correct = (before.argmax(1) == labels).astype(float)  # the same for both: T > 0 keeps the argmax
+    confidence = after.max(1)
+    threshold = choose_threshold(confidence, coverage)
+    abstention = abstention_summary(confidence, correct, threshold, coverage)
+    return {
+        "temperature": temperature,
+        "ece_before": expected_calibration_error(before.max(1), correct)[0],
+        "ece_after": expected_calibration_error(confidence, correct)[0],
+        "nll_before": nll(logits, labels),
+        "nll_after": nll(logits, labels, temperature),
+        "abstention": {k: abstention[k] for k in ("threshold", "target_coverage", "coverage",
+                                                  "accuracy_at_coverage", "accuracy_all")},
+    }
+
+
+def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: str | Path,
+                 train_samples: list[Sample] | None = None, train_txt: str | Path | None = None,
+                 coverage: float = DEFAULT_COVERAGE, batch_size: int = 64, workers: int = 0,
+                 device: str | torch.device = "cpu", n_boot: int = 1000, seed: int = 0,
+                 model_card: bool = True, epochs_run: int | None = None) -> dict | None:
+    """Calibrate ``best_path`` on ``val_samples`` (labels in its taxonomy), store the result in it and write
+    MODEL_CARD.md beside it. Returns the ``calibration`` dict, or None when there was nothing to fit
+    (no best.pt, or no readable validation image)."""
+    import numpy as np
+
+    from race_classifier.evaluation.calibration import softmax
+    from race_classifier.evaluation.metrics import evaluate_predictions
+    from race_classifier.evaluation.runner import predict_logits, predictions_table
+    from race_classifier.models.checkpoint import load_checkpoint
+    from race_classifier.models.loaders import load_predictor
+    from race_classifier.utils import atomic_torch_save, atomic_write_text
+    best_path = Path(best_path)
+    if not best_path.is_file():
+        log.warning("no %s: nothing to calibrate, no model card written", best_path)
+        return None
+    ckpt = load_checkpoint(best_path)
+    predictor = load_predictor(best_path, device=device)
+    logits, errors = predict_logits(predictor, val_samples, batch_size, workers, desc="calibrating")
+    labels = np.array([s.label for s in val_samples], dtype=np.int64)
+    ok = ~np.isnan(logits).any(axis=1)
+    if not ok.any():
+        log.warning("no readable validation image: %s is not calibrated, no model card written", best_path)
+        return None
+    calibration = calibrate_logits(logits[ok], labels[ok], coverage)
+    calibration.update(fitted_on=str(val_txt), n=int(ok.sum()))
+    ckpt["calibration"] = calibration
+    atomic_torch_save(ckpt, best_path)
+    a = calibration["abstention"]
+    print(f"Calibrated {best_path} on {calibration['n']} validation images: temperature "
+          f"{calibration['temperature']:.3f}, ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}; "
+          f"abstention threshold {a['threshold']:.4f} answers {100 * a['coverage']:.1f}% "
+          f"(accuracy {_pct(a['accuracy_at_coverage'])} vs {_pct(a['accuracy_all'])} on all)", flush=True)
+
+    if model_card:
+        probs = np.full(logits.shape, np.nan)
+        probs[ok] = softmax(logits[ok], calibration["temperature"])
+        table = predictions_table(val_samples, probs, errors, predictor.taxonomy.num_classes)
+        evaluation = evaluate_predictions(table, list(predictor.taxonomy.classes), n_boot=n_boot, seed=seed)
+        card = render_model_card(ckpt, evaluation, calibration, predictor.taxonomy, val_samples=val_samples,
+                                 val_txt=val_txt, train_samples=train_samples, train_txt=train_txt,
+                                 checkpoint=best_path, epochs_run=epochs_run)
+        atomic_write_text(best_path.parent / MODEL_CARD, card)
+        print(f"Model card: {best_path.parent / MODEL_CARD}", flush=True)
+    return calibration
+
+
+# --- the model card -------------------------------------------------------------------------------------
+
+def _pct(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _ci(estimate: dict | None) -> str:
+    if not estimate or estimate.get("ci_low") is None:
+        return "n/a"
+    return f"[{100 * estimate['ci_low']:.2f}, {100 * estimate['ci_high']:.2f}]"
+
+
+def _num(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _counts(samples: list[Sample] | None, taxonomy: Taxonomy) -> list[int] | None:
+    if samples is None:
+        return None
+    counts = Counter(s.label for s in samples)
+    return [counts.get(i, 0) for i in range(taxonomy.num_classes)]
+
+
+def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy: Taxonomy, *,
+                      val_samples: list[Sample], val_txt, train_samples: list[Sample] | None = None,
+                      train_txt=None, checkpoint: Path | None = None, epochs_run: int | None = None) -> str:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    from race_classifier import __version__
+    env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=False, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(pct=_pct, ci=_ci, num=_num)
+    train_args = ckpt.get("train_args") or {}
+    val_counts, train_counts = _counts(val_samples, taxonomy), _counts(train_samples, taxonomy)
+    context = {
+        "sections": CARD_SECTIONS,
+        "dataset": train_args.get("dataset") or "n/a",
+        "arch": ckpt.get("arch"),
+        "taxonomy": taxonomy,
+        "preprocessing": ckpt.get("preprocessing") or {},
+        "version": __version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "checkpoint": str(checkpoint) if checkpoint else "n/a",
+        "best_epoch": ckpt.get("epoch"),
+        "epochs_run": "n/a" if epochs_run is None else epochs_run,
+        "num_epochs": train_args.get("num_epochs"),
+        "pretrained": train_args.get("pretrained") or "none (random initialisation)",
+        "seed": train_args.get("seed"),
+        "best_metric": train_args.get("best_metric"),
+        "evaluation": evaluation,
+        "subgroups": {dim: evaluation["subgroups"].get(dim) or [] for dim in ("gender", "age")},
+        "calibration": calibration,
+        "abstention": calibration.get("abstention") or {},
+        "train_txt": str(train_txt or train_args.get("train_txt") or "n/a"),
+        "val_txt": str(val_txt),
+        "class_counts": [{"name": c, "train": train_counts[i] if train_counts else "n/a", "val": val_counts[i]}
+                         for i, c in enumerate(taxonomy.classes)],
+        "n_train": len(train_samples) if train_samples is not None else "n/a",
+        "n_val": len(val_samples),
+    }
+    return env.get_template(CARD_TEMPLATE).render(**context)
+
+
+# --- race-classifier calibrate ----------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model_path", required=True, help="a race-classifier checkpoint (best.pt); rewritten in place")
+    p.add_argument("--val_txt", required=True, help="validation manifest to fit the temperature and threshold on "
+                   "(never the test set you report)")
+    p.add_argument("--coverage", type=float, default=DEFAULT_COVERAGE,
+                   help="share of validation faces the abstention threshold answers (default 0.95)")
+    p.add_argument("--train_txt", help="training manifest, for the model card's counts "
+                   "(default: the one the checkpoint was trained on, when it exists)")
+    p.add_argument("--source_taxonomy", help="taxonomy of the manifest's labels, when it differs "
+                   "(default: as in training)")
+    p.add_argument("--label_map", help="YAML overriding the label mapping (default: as in training)")
+    p.add_argument("--no_model_card", action="store_true", help="do not write MODEL_CARD.md beside the model")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the card's CIs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from race_classifier.data.manifest import read_manifest
+    from race_classifier.labels import Taxonomy, get_mapping, get_taxonomy, load_label_map
+    from race_classifier.models.checkpoint import load_checkpoint
+
+    if not 0 < args.coverage <= 1:
+        raise ValueError(f"--coverage must be in (0, 1], got {args.coverage}")
+    ckpt = load_checkpoint(args.model_path)
+    taxonomy = Taxonomy.from_dict(ckpt["taxonomy"])
+    train_args = ckpt.get("train_args") or {}
+    source_spec = args.source_taxonomy or train_args.get("source_taxonomy")
+    label_map = args.label_map or train_args.get("label_map")
+    mapping = None
+    if source_spec or label_map:
+        source = get_taxonomy(source_spec) if source_spec else taxonomy
+        mapping = get_mapping(source, taxonomy, load_label_map(label_map) if label_map else None)
+    val_samples = read_manifest(args.val_txt, taxonomy, mapping, check_files=False)
+    train_txt = args.train_txt or train_args.get("train_txt")
+    train_samples = None
+    if train_txt and Path(train_txt).is_file():
+        train_samples = read_manifest(train_txt, taxonomy, mapping, check_files=False)
+    elif train_txt:
+        log.warning("training manifest %s not found: the model card gives no training counts", train_txt)
+        train_txt = None
+    result = finalize_run(args.model_path, val_samples, val_txt=args.val_txt, train_samples=train_samples,
+                          train_txt=train_txt, coverage=args.coverage, batch_size=args.batch_size,
+                          workers=args.workers, device=args.device, n_boot=args.n_boot, seed=args.seed,
+                          model_card=not args.no_model_card)
+    if result is None:
+        raise ValueError(f"{args.model_path} was not calibrated: no readable image in {args.val_txt}")
+    return 0

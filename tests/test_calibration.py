@@ -1,0 +1,184 @@
+"""Temperature scaling, the abstention threshold, the model card, and their path through checkpoints,
+ONNX exports, ``evaluate --abstain`` and ``predict --abstain``."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from race_classifier import Classifier
+from race_classifier.cli import main as cli_main
+from race_classifier.data.manifest import read_manifest
+from race_classifier.evaluation.calibration import (abstention_summary, choose_threshold, fit_temperature, nll,
+                                                    softmax, uncalibrated)
+from race_classifier.evaluation.metrics import expected_calibration_error
+from race_classifier.export.onnx import preprocessed_batches
+from race_classifier.labels import get_taxonomy
+from race_classifier.models.checkpoint import load_checkpoint
+from race_classifier.models.loaders import load_predictor
+from race_classifier.training.finalize import CARD_SECTIONS, MODEL_CARD
+from race_classifier.training.report import class_key
+from race_classifier.utils import atomic_torch_save
+
+
+def _overconfident(n=4000, k=5, true_t=3.0, seed=0):
+    """Labels drawn from softmax(z); the model reports z * true_t: over-confident by a factor true_t."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 2.0, size=(n, k))
+    p = softmax(z)
+    labels = np.array([rng.choice(k, p=row) for row in p])
+    return z * true_t, labels
+
+
+def test_fit_temperature_recovers_a_known_temperature_and_lowers_ece():
+    logits, labels = _overconfident()
+    t = fit_temperature(logits, labels)
+    assert t == pytest.approx(3.0, rel=0.10)
+    assert nll(logits, labels, t) < nll(logits, labels)
+    correct = softmax(logits).argmax(1) == labels
+    ece_before = expected_calibration_error(softmax(logits).max(1), correct)[0]
+    ece_after = expected_calibration_error(softmax(logits, t).max(1), correct)[0]
+    assert ece_after <= ece_before
+    # Torch tensors work too, and no data means no change.
+    assert fit_temperature(torch.as_tensor(logits), torch.as_tensor(labels)) == pytest.approx(t, rel=1e-6)
+    assert fit_temperature(np.zeros((0, 3)), np.zeros(0)) == 1.0
+    # softmax(T log p) undoes the temperature.
+    np.testing.assert_allclose(uncalibrated(softmax(logits[:50], t), t), softmax(logits[:50]), atol=1e-9)
+
+
+def test_threshold_answers_the_target_coverage():
+    confidence = np.random.default_rng(1).uniform(0.2, 1.0, size=10_000)
+    for coverage in (0.5, 0.9, 0.95, 1.0):
+        threshold = choose_threshold(confidence, coverage)
+        answered = (confidence >= threshold).mean()
+        assert coverage <= answered <= coverage + 1e-3
+        assert threshold == pytest.approx(np.quantile(confidence, 1 - coverage), abs=1e-3)
+    correct = confidence > 0.5  # accuracy grows with confidence: abstaining helps
+    summary = abstention_summary(confidence, correct, choose_threshold(confidence, 0.8), 0.8)
+    assert summary["accuracy_at_coverage"] > summary["accuracy_all"]
+    with pytest.raises(ValueError):
+        choose_threshold(confidence, 0.0)
+
+
+# --- the end of a training run ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calibrated(trained_checkpoints):
+    return trained_checkpoints[1]
+
+
+@pytest.fixture(scope="module")
+def val_samples(manifests):
+    return read_manifest(manifests / "val.txt", get_taxonomy(str(manifests / "classes.txt")))
+
+
+def test_training_writes_calibration_and_model_card(calibrated, manifests):
+    ckpt = torch.load(calibrated, map_location="cpu", weights_only=True)  # still a safe, plain checkpoint
+    cal = ckpt["calibration"]
+    assert {"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "fitted_on", "n"} <= set(cal)
+    assert cal["temperature"] > 0 and cal["n"] == 24 and cal["fitted_on"] == str(manifests / "val.txt")
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+    ab = cal["abstention"]
+    assert ab["target_coverage"] == 0.95 and ab["coverage"] >= 0.95
+    assert "calibration" not in torch.load(calibrated.parent / "last.pt", weights_only=True)  # resume untouched
+
+    card = (calibrated.parent / MODEL_CARD).read_text()
+    headings = re.findall(r"^## (.+)$", card, re.M)
+    assert headings == list(CARD_SECTIONS)
+    for phrase in ("identifying people", "hiring", "policing", "credit", "ancestry", "self-identity",
+                   "perceived labels as facts", str(manifests / "train.txt"), f"{cal['temperature']:.3f}"):
+        assert phrase in card, phrase
+    # Per-class accuracies in the card are the checkpoint's own validation figures.
+    for name in ckpt["taxonomy"]["classes"]:
+        row = re.search(rf"^\| {name} \| (\d+) \| ([\d.]+)% \| \[", card, re.M)
+        assert row, name
+        assert float(row.group(2)) == pytest.approx(100 * ckpt["metrics"][class_key(name)], abs=0.006)
+
+
+def test_calibrate_command_matches_training_on_an_old_checkpoint(calibrated, manifests, tmp_path):
+    ckpt = load_checkpoint(calibrated)
+    old = {k: v for k, v in ckpt.items() if k != "calibration"}
+    atomic_torch_save(old, tmp_path / "best.pt")
+    assert load_predictor(tmp_path / "best.pt").temperature == 1.0  # older files keep working
+    assert cli_main(["calibrate", "--model_path", str(tmp_path / "best.pt"), "--val_txt",
+                     str(manifests / "val.txt"), "--workers", "0", "--n_boot", "50"]) == 0
+    redone = load_checkpoint(tmp_path / "best.pt")
+    assert redone["calibration"]["temperature"] == pytest.approx(ckpt["calibration"]["temperature"], rel=1e-4)
+    assert set(old) <= set(redone) and (tmp_path / MODEL_CARD).is_file()
+    torch.testing.assert_close(redone["state_dict"], ckpt["state_dict"])
+
+
+def test_predict_proba_divides_logits_by_the_temperature(calibrated, val_samples):
+    predictor = load_predictor(calibrated)
+    t = load_checkpoint(calibrated)["calibration"]["temperature"]
+    assert predictor.temperature == t and predictor.info["calibration"]["temperature"] == t
+    images, _ = next(preprocessed_batches(val_samples, predictor.preprocessing, batch_size=16))
+    expected = torch.softmax(predictor.logits(images) / t, dim=1).numpy()
+    np.testing.assert_allclose(predictor.predict_proba(images), expected, atol=1e-6)
+
+
+def test_onnx_export_carries_the_temperature(calibrated, manifests, val_samples, tmp_path):
+    out = tmp_path / "model.onnx"
+    assert cli_main(["export", "--model_path", str(calibrated), "--output", str(out),
+                     "--val_txt", str(manifests / "val.txt")]) == 0
+    onnx_model, torch_model = load_predictor(out), load_predictor(calibrated)
+    assert onnx_model.calibration == load_checkpoint(calibrated)["calibration"]
+    assert onnx_model.abstention_threshold == torch_model.abstention_threshold
+    for images, _ in preprocessed_batches(val_samples, torch_model.preprocessing, batch_size=16):
+        p_onnx, p_torch = onnx_model.predict_proba(images), torch_model.predict_proba(images)
+        assert np.abs(p_onnx - p_torch).max() <= 1e-4
+        np.testing.assert_allclose(p_onnx, torch.softmax(onnx_model.logits(images) / onnx_model.temperature,
+                                                         dim=1).numpy(), atol=1e-6)
+
+
+def test_evaluate_abstain_reports_coverage_and_selective_accuracy(calibrated, manifests, tmp_path, capsys):
+    out = tmp_path / "eval.csv"
+    assert cli_main(["evaluate", "--model_path", str(calibrated), "--val_txt", str(manifests / "val.txt"),
+                     "--output_csv", str(out), "--output_html", str(tmp_path / "r.html"), "--abstain",
+                     "--n_boot", "50", "--workers", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "uncalibrated ->" in text and "accuracy on answered" in text
+    results = json.loads(out.with_suffix(".metrics.json").read_text())
+    ev, cal = results["evaluation"], load_checkpoint(calibrated)["calibration"]
+    assert results["model"]["calibration"]["temperature"] == cal["temperature"]
+    # Evaluated on the set it was fitted on: the training-time figures come back.
+    assert ev["ece"] == pytest.approx(cal["ece_after"], abs=1e-4)
+    assert ev["calibration"]["ece_before"] == pytest.approx(cal["ece_before"], abs=1e-4)
+    assert ev["abstention"]["coverage"] == pytest.approx(cal["abstention"]["coverage"])
+    assert ev["abstention"]["selective_accuracy"]["value"] == pytest.approx(cal["abstention"]["accuracy_at_coverage"])
+    html = (tmp_path / "r.html").read_text()
+    assert "Accuracy on answered images" in html and "calibration.temperature" in html
+
+
+def test_predict_abstain_labels_low_confidence_faces_uncertain(calibrated, manifests, tmp_path):
+    images = sorted((manifests.parent / "images").rglob("*.png"))[:12]
+    confidences = sorted(f.confidence for p in Classifier.load(calibrated, detect=False).predict_batch(images)
+                         for f in p.faces)
+    ckpt = load_checkpoint(calibrated)
+    threshold = (confidences[5] + confidences[6]) / 2  # half the images below it
+    ckpt["calibration"]["abstention"]["threshold"] = threshold
+    model = tmp_path / "best.pt"
+    atomic_torch_save(ckpt, model)
+    out = tmp_path / "out.csv"
+    assert cli_main(["predict", *map(str, images), "--model", str(model), "--no-detect", "--abstain",
+                     "--output", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(r["label"] == "uncertain" for r in rows) == 6
+    for r in rows:
+        assert (r["label"] == "uncertain") == (float(r["confidence"]) < threshold)
+        assert r["top_label"] != "uncertain"
+    # An explicit --min-confidence wins over the stored threshold.
+    assert cli_main(["predict", *map(str, images), "--model", str(model), "--no-detect", "--abstain",
+                     "--min-confidence", "0", "--output", str(out)]) == 0
+    with open(out, newline="") as f:
+        assert all(r["label"] != "uncertain" for r in csv.DictReader(f))
+    # A model without a threshold cannot abstain.
+    shutil.copy(calibrated.parent / "last.pt", tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="abstention threshold"):
+        Classifier.load(tmp_path / "last.pt", abstain=True)
