@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from race_classifier.evaluation.formatting import fmt_ci, fmt_num, fmt_pct, fmt_pp
 from race_classifier.evaluation.runner import (load_eval_samples, predict_samples, predictions_from_csv,
                                                write_predictions_csv)
 from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
@@ -55,50 +56,39 @@ def add_arguments(p: argparse.ArgumentParser, baseline_required: bool = False) -
     return p
 
 
-def _num(value, fmt: str = "{:.2f}%", scale: float = 100) -> str:
-    return "n/a" if value is None else fmt.format(scale * value)
-
-
-def _pct(ci: dict | None) -> str:
-    if not ci or ci.get("value") is None:
-        return "n/a"
-    interval = "" if ci.get("ci_low") is None else f" [{100 * ci['ci_low']:.2f}, {100 * ci['ci_high']:.2f}]"
-    return f"{100 * ci['value']:.2f}%{interval}"
-
-
 def print_evaluation(name: str, ev: dict, classes) -> None:
     print(f"{name}: {ev['n']} images scored, {ev['n_errors']} unreadable")
-    print(f"  accuracy           {_pct(ev['accuracy'])}  (95% bootstrap CI)")
-    print(f"  balanced accuracy  {_pct(ev['balanced_accuracy'])}")
-    print(f"  macro-F1 {_num(ev['macro_f1'], '{:.4f}', 1)}   ECE {_num(ev.get('ece'), '{:.4f}', 1)}")
+    print(f"  accuracy           {fmt_ci(ev['accuracy'], 2)}  (95% bootstrap CI)")
+    print(f"  balanced accuracy  {fmt_ci(ev['balanced_accuracy'], 2)}")
+    print(f"  macro-F1 {fmt_num(ev['macro_f1'], 4)}   ECE {fmt_num(ev.get('ece'), 4)}")
     for row in ev["per_class"]:
-        print(f"   - {row['class']:<18} {_pct(row['accuracy'])}  (n={row['support']})")
+        print(f"   - {row['class']:<18} {fmt_ci(row['accuracy'], 2)}  (n={row['support']})")
     for dim, gap in (ev.get("subgroup_gaps") or {}).items():
         if gap:
             print(f"  {dim}: largest gap {100 * gap['largest_gap']:.2f} points, worst group {gap['worst_group']}")
     cal = ev.get("calibration")
     if cal:
-        print(f"  temperature {cal['temperature']:.3f}: ECE {_num(cal['ece_before'], '{:.4f}', 1)} uncalibrated -> "
-              f"{_num(cal['ece_after'], '{:.4f}', 1)} calibrated")
+        print(f"  temperature {cal['temperature']:.3f}: ECE {fmt_num(cal['ece_before'], 4)} uncalibrated -> "
+              f"{fmt_num(cal['ece_after'], 4)} calibrated")
     ab = ev.get("abstention")
     if ab:
-        print(f"  abstention (confidence >= {ab['threshold']:.4f}): coverage {_pct(ab['coverage_ci'])}, "
-              f"accuracy on answered {_pct(ab['selective_accuracy'])} ({ab['n_answered']} of {ab['n']} images; "
-              f"{_num(ab['accuracy_all'])} on all)")
+        print(f"  abstention (confidence >= {ab['threshold']:.4f}): coverage {fmt_ci(ab['coverage_ci'], 2)}, "
+              f"accuracy on answered {fmt_ci(ab['selective_accuracy'], 2)} ({ab['n_answered']} of {ab['n']} images; "
+              f"{fmt_pct(ab['accuracy_all'], 2)} on all)")
 
 
 def print_comparison(comparison: dict, name_a: str, name_b: str) -> None:
     print(f"\n{name_a} (A) vs {name_b} (B) on {comparison['n_common']} common images "
           f"(McNemar's exact test, paired bootstrap 95% CI of A - B):")
-    print(f"  {'':<28}{'A':>8}{'B':>8}{'A-B':>8}  {'95% CI':<18}{'p':>8}")
+    print(f"  {'':<28}{'A':>8}{'B':>8}{'A-B':>10}  {'95% CI':<18}{'p':>8}")
     rows = comparison["overall"] + comparison["per_class"]
     for dim_rows in comparison["subgroups"].values():
         rows = rows + dim_rows
     for r in rows:
-        p = _num(r["p_mcnemar"], "{:.4f}", 1)
+        p = fmt_num(r["p_mcnemar"], 4)
         mark = "  *" if r["significant"] else ""
         ci = "n/a" if r["ci_low"] is None else f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
-        print(f"  {str(r['name'])[:27]:<28}{_num(r['a']):>8}{_num(r['b']):>8}{_num(r['diff'], '{:+.2f}'):>8}  "
+        print(f"  {str(r['name'])[:27]:<28}{fmt_pct(r['a'], 2):>8}{fmt_pct(r['b'], 2):>8}{fmt_pp(r['diff'], 2):>10}  "
               f"{ci:<18}{p:>8}{mark}")
     print(f"  * significant at alpha {comparison['alpha']}")
 

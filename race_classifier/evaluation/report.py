@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from race_classifier.data.image_io import load_rgb
+from race_classifier.evaluation.formatting import (_missing, ci_label, fmt_ci, fmt_count, fmt_num, fmt_p, fmt_pct,
+                                                   fmt_points, fmt_pp, fmt_pp_ci, fmt_value)
 from race_classifier.utils import atomic_write_text
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
@@ -28,83 +29,6 @@ SUBGROUP_TITLES = {"gender": "Gender", "age": "Age", "race_x_gender": "Race \u00
 
 # Colours that stay distinguishable for the common colour-vision deficiencies.
 BLUE, ORANGE, GREY = "#0072B2", "#D55E00", "#999999"
-
-
-# ---------------------------------------------------------------------------------------------- formatting
-
-def _missing(value) -> bool:
-    if value is None:
-        return True
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):  # lists and the like are not "missing"
-        return False
-
-
-def fmt_pct(value, digits: int = 1) -> str:
-    """0.8765 -> '87.7%'; None or NaN -> 'n/a'."""
-    return "n/a" if _missing(value) else f"{100 * float(value):.{digits}f}%"
-
-
-def fmt_pp(value, digits: int = 1) -> str:
-    """A difference of two fractions in signed percentage points: 0.031 -> '+3.1 pp'."""
-    return "n/a" if _missing(value) else f"{100 * float(value):+.{digits}f} pp"
-
-
-def fmt_points(value, digits: int = 1) -> str:
-    """An unsigned gap between two fractions: 0.123 -> '12.3 percentage points'."""
-    return "n/a" if _missing(value) else f"{100 * float(value):.{digits}f} percentage points"
-
-
-def fmt_ci(estimate, digits: int = 1) -> str:
-    """{"value", "ci_low", "ci_high"} -> '87.7% [85.1, 90.0]' (the bracket is the CI)."""
-    if not isinstance(estimate, dict):
-        return fmt_pct(estimate, digits)
-    text = fmt_pct(estimate.get("value"), digits)
-    low, high = estimate.get("ci_low"), estimate.get("ci_high")
-    if _missing(estimate.get("value")) or _missing(low) or _missing(high):
-        return text
-    return f"{text} [{100 * float(low):.{digits}f}, {100 * float(high):.{digits}f}]"
-
-
-def fmt_pp_ci(low, high, digits: int = 1) -> str:
-    if _missing(low) or _missing(high):
-        return "n/a"
-    return f"[{100 * float(low):+.{digits}f}, {100 * float(high):+.{digits}f}] pp"
-
-
-def fmt_num(value, digits: int = 3) -> str:
-    return "n/a" if _missing(value) else f"{float(value):.{digits}f}"
-
-
-def fmt_count(value) -> str:
-    return "n/a" if _missing(value) else f"{int(value):,}"
-
-
-def fmt_p(value) -> str:
-    if _missing(value):
-        return "n/a"
-    return "<0.001" if float(value) < 0.001 else f"{float(value):.3f}"
-
-
-def ci_label(level) -> str:
-    """0.95 -> '95%'; a missing level is the default 95%."""
-    return "95%" if _missing(level) else f"{100 * float(level):g}%"
-
-
-def fmt_value(value) -> str:
-    """Model metadata values: short floats, lists joined, anything else as text."""
-    if _missing(value):
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        if all(isinstance(v, (str, int, float, bool)) or v is None for v in value):
-            return ", ".join(fmt_value(v) for v in value)
-        return json.dumps(value, default=str)
-    return str(value)
 
 
 def _environment() -> Environment:

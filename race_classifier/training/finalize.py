@@ -77,6 +77,7 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
     import numpy as np
 
     from race_classifier.evaluation.calibration import softmax
+    from race_classifier.evaluation.formatting import fmt_pct
     from race_classifier.evaluation.metrics import evaluate_predictions
     from race_classifier.evaluation.runner import predict_logits, predictions_table
     from race_classifier.models.checkpoint import load_checkpoint
@@ -102,7 +103,7 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
     print(f"Calibrated {best_path} on {calibration['n']} validation images: temperature "
           f"{calibration['temperature']:.3f}, ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}; "
           f"abstention threshold {a['threshold']:.4f} answers {100 * a['coverage']:.1f}% "
-          f"(accuracy {_pct(a['accuracy_at_coverage'])} vs {_pct(a['accuracy_all'])} on all)", flush=True)
+          f"(accuracy {fmt_pct(a['accuracy_at_coverage'], 2)} vs {fmt_pct(a['accuracy_all'], 2)} on all)", flush=True)
 
     if model_card:
         probs = np.full(logits.shape, np.nan)
@@ -119,20 +120,6 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
 
 # --- the model card -------------------------------------------------------------------------------------
 
-def _pct(value, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
-
-
-def _ci(estimate: dict | None) -> str:
-    if not estimate or estimate.get("ci_low") is None:
-        return "n/a"
-    return f"[{100 * estimate['ci_low']:.2f}, {100 * estimate['ci_high']:.2f}]"
-
-
-def _num(value, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def _counts(samples: list[Sample] | None, taxonomy: Taxonomy) -> list[int] | None:
     if samples is None:
         return None
@@ -145,10 +132,13 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
                       train_txt=None, checkpoint: Path | None = None, epochs_run: int | None = None) -> str:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+    from race_classifier.evaluation.formatting import fmt_interval, fmt_num, fmt_pct
+
     from race_classifier import __version__
     env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=False, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters.update(pct=_pct, ci=_ci, num=_num)
+    env.filters.update(pct=lambda v, digits=2: fmt_pct(v, digits), ci=lambda e, digits=2: fmt_interval(e, digits),
+                       num=lambda v, digits=4: fmt_num(v, digits))
     train_args = ckpt.get("train_args") or {}
     val_counts, train_counts = _counts(val_samples, taxonomy), _counts(train_samples, taxonomy)
     context = {
