@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from race_classifier.evaluation import cli as evaluation
     from race_classifier.export import cli as export
     from race_classifier.inference import cli as predict
+    from race_classifier.serving import cli as serve
     from race_classifier.training import config, finalize
 
     parser = argparse.ArgumentParser(prog="race-classifier", description=__doc__)
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="find, align and classify the faces in photos, folders, lists or a video")
     predict.add_arguments(p)
     p.set_defaults(func=predict.run)
+
+    p = sub.add_parser("serve", help="an HTTP service and web page for real-time inference (FastAPI + uvicorn)")
+    serve.add_arguments(p)
+    p.set_defaults(func=serve.run)
 
     p = sub.add_parser("synth", help="generate the embedded synthetic smoke-test dataset (abstract patterns)")
     p.add_argument("--out", required=True)

@@ -1,5 +1,9 @@
 """A sampler whose order is a pure function of (seed, epoch): a run resumed mid-epoch can skip
-exactly the batches it had already trained on, and reruns are reproducible."""
+exactly the batches it had already trained on, and reruns are reproducible.
+
+Its optional per-sample weights come from ``class_balanced_weights`` (every class drawn equally,
+``--balance sampler``) or ``group_balanced_weights`` (every race x gender cell drawn equally,
+``--balance group``)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,6 +17,22 @@ def class_balanced_weights(labels: Sequence[int], num_classes: int) -> torch.Ten
     counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
     per_class = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
     return per_class[torch.as_tensor(labels)]
+
+
+def group_balanced_weights(labels: Sequence[int], groups: Sequence[str]) -> torch.Tensor:
+    """Per-sample weights that give every present (class, group) cell the same total weight.
+
+    ``groups`` is each sample's group within its class (the manifest's gender column). An empty
+    group ("" = unknown) is a cell of its own in each class: unknown-gender faces are neither dropped
+    nor counted as one of the genders.
+    """
+    if len(labels) != len(groups):
+        raise ValueError(f"{len(labels)} labels but {len(groups)} groups")
+    cells = list(zip((int(y) for y in labels), (str(g) for g in groups)))
+    index = {cell: i for i, cell in enumerate(dict.fromkeys(cells))}
+    cell_ids = torch.tensor([index[c] for c in cells], dtype=torch.long)
+    counts = torch.bincount(cell_ids, minlength=len(index)).double()
+    return (1.0 / counts)[cell_ids]
 
 
 class EpochSampler(Sampler[int]):

@@ -1,6 +1,6 @@
 """``race-classifier evaluate`` / ``compare`` and the root ``evaluation.py``.
 
-    evaluation.py --root_dir R --model_path M --output_csv O.csv --output_html O.html [--baseline_path B]
+    evaluation.py --root_dir R --model_path M --output_csv O.csv --output_html O.html [--baseline_path B] [--tta]
 
 Writes the per-image CSV, a JSON of every figure (``<output_csv>.metrics.json``), the HTML report and,
 with a baseline, the baseline's per-image CSV and the side-by-side comparison with significance tests.
@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser, baseline_required: bool = False) -
     g.add_argument("--baseline_image_size", type=int)
     g.add_argument("--baseline_mean", type=float, nargs=3)
     g.add_argument("--baseline_std", type=float, nargs=3)
+    p.add_argument("--tta", action="store_true", help="test-time augmentation of the evaluated model: average "
+                   "each face's calibrated probabilities with its horizontal mirror's")
+    g.add_argument("--baseline_tta", action="store_true", help="the same for the baseline model file")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
@@ -107,7 +110,9 @@ def _add_calibration(evaluation: dict, table, model, *, mapped: bool, abstain: b
     valid, _ = clean_predictions(table, evaluation["classes"])
     correct = (valid["y_true"] == valid["y_pred"]).to_numpy(float)
     confidence = valid["confidence"].to_numpy(float)
-    if model.temperature != 1.0 and not mapped:  # mapped probabilities are sums: not softmax(z / T) any more
+    # Mapped probabilities are sums, and TTA's are means of two softmaxes: neither is softmax(z / T) any more,
+    # so the raw softmax cannot be recovered from them.
+    if model.temperature != 1.0 and not mapped and not model.tta:
         k = len(evaluation["classes"])
         probs = valid[[f"prob_{i}" for i in range(k)]].to_numpy(float)
         raw = uncalibrated(probs, model.temperature)
@@ -126,9 +131,11 @@ def run(args: argparse.Namespace) -> int:
     from race_classifier.evaluation.compare import compare_predictions
     from race_classifier.evaluation.metrics import evaluate_predictions
 
+    if args.baseline_tta and not args.baseline_path:
+        raise ValueError("--baseline_tta needs --baseline_path (a model file to run)")
     device = _device(args.device)
     model = load_predictor(args.model_path, labels=args.labels, image_size=args.image_size,
-                           mean=args.mean, std=args.std, device=device)
+                           mean=args.mean, std=args.std, device=device, tta=args.tta)
     taxonomy = get_taxonomy(args.taxonomy) if args.taxonomy else model.taxonomy
     mapping = None
     if args.source_taxonomy or args.label_map:
@@ -142,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
     evaluation = evaluate_predictions(table, classes, n_boot=args.n_boot, seed=args.seed)
     _add_calibration(evaluation, table, model, mapped=model.taxonomy.classes != taxonomy.classes,
                      abstain=args.abstain, n_boot=args.n_boot, seed=args.seed)
-    print_evaluation(model.name, evaluation, classes)
-    results = {"model": model.info, "taxonomy": taxonomy.to_dict(), "evaluation": evaluation}
+    print_evaluation(model.name + (" + flip TTA" if model.tta else ""), evaluation, classes)
+    results = {"model": model.info, "tta": model.tta, "taxonomy": taxonomy.to_dict(), "evaluation": evaluation}
 
     comparison = None
     if args.baseline_path or args.baseline_predictions:
@@ -151,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         if args.baseline_path:
             baseline = load_predictor(args.baseline_path, labels=args.baseline_labels,
                                       image_size=args.baseline_image_size, mean=args.baseline_mean,
-                                      std=args.baseline_std, device=device)
+                                      std=args.baseline_std, device=device, tta=args.baseline_tta)
             base_table = predict_samples(baseline, samples, taxonomy, args.batch_size, args.workers, desc=baseline.name)
             base_info, base_name = baseline.info, baseline.name
         else:

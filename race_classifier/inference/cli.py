@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, help="label faces below this confidence 'uncertain'")
     p.add_argument("--abstain", action="store_true", help="label faces below the model's stored abstention "
                    "threshold 'uncertain' (fitted on validation data; --min-confidence, if given, wins)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average each face's probabilities "
+                   "with its horizontal mirror's (two model passes per face)")
     p.add_argument("--batch-size", type=int, default=32, help="face crops per model call, across images")
     p.add_argument("--detect-size", type=int, default=480,
                    help="longer side photos are shrunk to for detection (crops come from the full image)")
@@ -151,7 +153,8 @@ def build_classifier(args) -> "Classifier":
     from race_classifier.inference.classifier import Classifier
     return Classifier.load(args.model, labels=args.labels, image_size=args.image_size, mean=args.mean,
                            std=args.std, device=args.device, detect=not args.no_detect, min_face=args.min_face,
-                           min_confidence=args.min_confidence, abstain=args.abstain, batch_size=args.batch_size,
+                           min_confidence=args.min_confidence, abstain=args.abstain, tta=args.tta,
+                           batch_size=args.batch_size,
                            detect_size=args.detect_size, detect_threshold=args.detect_threshold)
 
 
@@ -177,7 +180,7 @@ def run(args) -> int:
         if p.error:
             log.warning("%s: %s", p.source, p.error)
     write_output(args.output, lambda: to_csv((r for p in preds for r in prediction_rows(p, classes)), classes),
-                 lambda: {"model": str(args.model), "classes": list(classes),
+                 lambda: {"model": str(args.model), "tta": args.tta, "classes": list(classes),
                           "images": [p.to_dict() for p in preds]})
     log.info("%s", _summary(preds))
     return 0
@@ -193,7 +196,7 @@ def _run_video(args) -> int:
     write_output(args.output,
                  lambda: to_csv((r for f in result.frames for r in prediction_rows(f.prediction, classes, f.frame,
                                                                                     f.time_s)), classes),
-                 lambda: {"model": str(args.model), "classes": list(classes), "video": result.source,
+                 lambda: {"model": str(args.model), "tta": args.tta, "classes": list(classes), "video": result.source,
                           "frames_read": result.frames_read, "fps": result.fps,
                           "frames": [{"frame": f.frame, "time_s": f.time_s, **f.prediction.to_dict()}
                                      for f in result.frames]})

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 FAIRFACE_OUTPUTS = 18  # 7 race + 2 gender + 9 age logits, in that order
 FAIRFACE_RACES = "fairface7"
+TTA_DESCRIPTION = "horizontal flip (mean of the image's and its mirror's calibrated probabilities)"
 
 
 class ModelLoadError(ValueError):
@@ -48,6 +49,9 @@ class Predictor:
     # Fitted on validation data (race-classifier checkpoints and their ONNX exports): {"temperature", ...,
     # "abstention": {"threshold", ...}}; None for files without one (temperature 1, no threshold).
     calibration: dict | None = None
+    # Test-time augmentation: predict_proba averages the calibrated probabilities of each image and its
+    # horizontal mirror (faces are trained with random flips, so both views are in-distribution).
+    tta: bool = False
 
     @property
     def temperature(self) -> float:
@@ -63,11 +67,23 @@ class Predictor:
         """Raw float32 logits (N, K) on the CPU, before any temperature."""
         return torch.as_tensor(self.run(images)).float().cpu()  # torch models give tensors, ONNX Runtime numpy
 
-    def predict_proba(self, images: torch.Tensor) -> np.ndarray:
-        """softmax(logits / temperature): calibrated probabilities when the file carries a temperature."""
-        logits = self.logits(images)
+    def predict_proba(self, images: torch.Tensor, tta: bool | None = None) -> np.ndarray:
+        """softmax(logits / temperature): calibrated probabilities when the file carries a temperature.
+        ``tta`` (default: ``self.tta``): the mean of those of the images and of their mirror images."""
+        probs = self._calibrated(self.logits(images))
+        if self.tta if tta is None else tta:
+            probs = (probs + self._calibrated(self.logits(torch.flip(images, dims=[3])))) / 2  # flip width
+        return probs.numpy()
+
+    def _calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         temperature = self.temperature
-        return torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=1).numpy()
+        return torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=1)
+
+    def set_tta(self, on: bool) -> "Predictor":
+        """Turn flip test-time augmentation on or off, recorded in ``info`` (reports, model info)."""
+        self.tta = bool(on)
+        self.info["tta"] = TTA_DESCRIPTION if on else "none"
+        return self
 
 
 def _torch_runner(model: torch.nn.Module, device: torch.device, slice_to: int | None = None):
@@ -98,10 +114,15 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def load_predictor(path: str | Path, *, labels=None, image_size: int | None = None, mean=None, std=None,
-                   device: str | torch.device = "cpu") -> Predictor:
+                   device: str | torch.device = "cpu", tta: bool = False) -> Predictor:
     """Load any supported model file. ``labels``/``image_size``/``mean``/``std`` describe files that
-    carry no metadata (TorchScript, ONNX); a race-classifier checkpoint ignores them."""
-    path, device = Path(path), torch.device(device)
+    carry no metadata (TorchScript, ONNX); a race-classifier checkpoint ignores them. ``tta``: average
+    each image's probabilities with its mirror's (``Predictor.tta``)."""
+    predictor = _load_any(Path(path), labels, image_size, mean, std, torch.device(device))
+    return predictor.set_tta(True) if tta else predictor
+
+
+def _load_any(path: Path, labels, image_size, mean, std, device: torch.device) -> Predictor:
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     if path.suffix.lower() == ".onnx":

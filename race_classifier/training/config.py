@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+BALANCE_MODES = ("none", "sampler", "loss", "group")
 BEST_METRICS = ("val_accuracy", "val_balanced_accuracy", "val_worst_class_accuracy", "val_loss")
 
 
@@ -40,8 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
     g.add_argument("--min_lr_ratio", type=float, default=0.01, help="final learning rate / peak")
     g.add_argument("--label_smoothing", type=float, default=0.1)
-    g.add_argument("--balance", choices=("none", "sampler", "loss"), default="none",
-                   help="class balance: resample classes equally, or weight the loss by inverse frequency")
+    g.add_argument("--balance", choices=BALANCE_MODES, default="none",
+                   help="sampler: draw classes equally; loss: weight the loss by inverse class frequency; "
+                        "group: draw race x gender cells equally (the manifest's gender column; unknown "
+                        "gender is a cell of its own in each class)")
     g.add_argument("--hflip", type=float, default=0.5)
     g.add_argument("--scale_min", type=float, default=0.8, help="smallest random-resized-crop area")
     g.add_argument("--color_jitter", type=float, default=0.2)

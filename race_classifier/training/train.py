@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from race_classifier.data.cache import ImageCache, cache_size_for
 from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
 from race_classifier.data.manifest import read_manifest
-from race_classifier.data.sampler import EpochSampler, class_balanced_weights
+from race_classifier.data.sampler import EpochSampler, class_balanced_weights, group_balanced_weights
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augmentation, Preprocessing, build_transform
 from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
 from race_classifier.models.checkpoint import load_checkpoint, save_checkpoint
@@ -116,14 +116,25 @@ class Trainer:
             counts = torch.bincount(labels, minlength=self.taxonomy.num_classes).float()
             class_weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
         self.criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=args.label_smoothing).to(self.device)
-        weights = class_balanced_weights(labels.tolist(), self.taxonomy.num_classes) if args.balance == "sampler" else None
-        self.sampler = EpochSampler(len(self.train_set), args.seed, weights=weights)
+        self.sampler = EpochSampler(len(self.train_set), args.seed, weights=self._sampling_weights(labels.tolist()))
 
         self.val_loader = DataLoader(self.val_set, batch_size=args.batch_size, shuffle=False,
                                      num_workers=args.workers, collate_fn=collate_skipping_failures,
                                      pin_memory=self.device.type == "cuda")
         self.start_epoch, self.global_step, self.history = 0, 0, []
         self.progress, self.elapsed = EpochProgress(), 0.0
+
+    def _sampling_weights(self, labels: list[int]) -> torch.Tensor | None:
+        """Per-sample draw weights for --balance sampler (classes) or group (race x gender cells)."""
+        if self.args.balance == "sampler":
+            return class_balanced_weights(labels, self.taxonomy.num_classes)
+        if self.args.balance != "group":
+            return None
+        genders = [s.gender for s in self.train_samples]
+        if not any(genders):
+            log.warning("--balance group: the training manifest has no gender column, so every class is one "
+                        "cell and this is class-balanced sampling")
+        return group_balanced_weights(labels, genders)
 
     def _warn_about_class_coverage(self) -> None:
         for name, samples in (("training", self.train_samples), ("validation", self.val_samples)):

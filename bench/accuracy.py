@@ -1,0 +1,280 @@
+#!/usr/bin/env python
+"""Accuracy benchmark: train (or reuse) one model per balance mode of a recipe, evaluate each on the
+recipe's validation manifest, print one table (and optionally write it as JSON).
+
+    python bench/accuracy.py --config configs/fairface_seed5.yaml [--variants none,sampler,group] [--tta]
+        [--json out.json] [--model_path existing.pt]
+        [--max_train_images N --max_val_images M --num_epochs E --image_size S]   # a quick run
+
+Variants are ``--balance`` modes (none, sampler, loss, group): the debiasing comparison of class- and
+race x gender group-balanced sampling. Each trains with the config into ``<out_dir>/<variant>``; a run
+that finished there (best.pt calibrated) is reused, an interrupted one resumed (``--retrain`` starts
+afresh). ``--model_path`` evaluates one given checkpoint instead (a single variant, no training).
+
+Columns: accuracy with its 95% bootstrap CI, balanced accuracy, worst class, worst race x gender group
+(groups of >= 10 faces), ECE of the raw softmax -> after the checkpoint's temperature (as fitted at the
+end of training), and accuracy on the 95% most confident faces. ``--tta`` adds a row per variant with
+horizontal-flip test-time augmentation (its ECE is the one measured here: the raw softmax of averaged
+probabilities does not exist, so "before" is n/a).
+
+The validation set also picks the best epoch and fits the temperature, so these figures are slightly
+optimistic for new data; the comparison between variants is like for like.
+
+Quick-run options (``--max_train_images`` etc.) change the run folder's name, so a smoke run never reuses
+or overwrites the full recipe's checkpoints. Without manifests the exact ``prepare`` command is printed
+and the exit status is 2 (preparing needs the FairFace folder, which the config does not name).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from race_classifier.data.manifest import format_sample, parse_line
+from race_classifier.evaluation.calibration import abstention_summary, choose_threshold
+from race_classifier.evaluation.formatting import fmt_ci, fmt_num, fmt_pct
+from race_classifier.evaluation.metrics import clean_predictions, evaluate_predictions
+from race_classifier.evaluation.runner import load_eval_samples, predict_samples
+from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
+from race_classifier.models.checkpoint import load_checkpoint
+from race_classifier.models.loaders import load_predictor
+from race_classifier.training import config
+from race_classifier.training.train import main as train_main
+from race_classifier.utils import atomic_write_text
+
+COVERAGE = 0.95
+COLUMNS = ("variant", "tta", "accuracy", "balanced_accuracy", "worst_class", "worst_group", "ece_before",
+           "ece_after", "accuracy_at_95_coverage")
+DEFAULT_VARIANTS = ("none", "sampler", "group")
+QUICK_OPTIONS = ("max_train_images", "max_val_images", "num_epochs", "image_size")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/accuracy.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a training recipe (configs/*.yaml) naming train_txt/val_txt")
+    p.add_argument("--variants", help="comma-separated --balance modes to train and compare "
+                   f"({', '.join(config.BALANCE_MODES)}; default {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--model_path", help="evaluate this checkpoint instead of training; its row is named by "
+                   "--variants if given, else by the checkpoint's --balance")
+    p.add_argument("--tta", action="store_true", help="also evaluate with horizontal-flip test-time augmentation")
+    p.add_argument("--json", help="write the table (and each variant's full evaluation) here")
+    p.add_argument("--out_dir", help="run folders go to <out_dir>/<variant> (default runs/accuracy/<config name>"
+                   "[-quick options])")
+    p.add_argument("--retrain", action="store_true", help="train afresh even where a finished run exists")
+    g = p.add_argument_group("quick run (smoke test of the benchmark, not the recipe's figures)")
+    g.add_argument("--max_train_images", type=int, help="train on a random subset of this many images")
+    g.add_argument("--max_val_images", type=int, help="validate and evaluate on a random subset")
+    g.add_argument("--num_epochs", type=int)
+    g.add_argument("--image_size", type=int)
+    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: the config's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets and the bootstrap")
+    args = p.parse_args(argv)
+    if args.model_path:
+        if args.variants and "," in args.variants:
+            p.error("--model_path evaluates one checkpoint: give at most one --variants name (its label)")
+        return args
+    args.variants = [v.strip() for v in (args.variants or ",".join(DEFAULT_VARIANTS)).split(",") if v.strip()]
+    bad = sorted(set(args.variants) - set(config.BALANCE_MODES))
+    if bad or not args.variants:
+        p.error(f"--variants: unknown balance mode(s) {', '.join(bad) or '(none given)'}; "
+                f"choose from {', '.join(config.BALANCE_MODES)}")
+    return args
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+
+def prepare_command(train_txt: str, taxonomy: str) -> str:
+    return (f"race-classifier prepare fairface ../shared/data/fairface --out {Path(train_txt).parent} "
+            f"--taxonomy {taxonomy}")
+
+
+def subset_manifest(src: str, n: int, out: Path, seed: int) -> Path:
+    """A random ``n``-line subset of a manifest, paths made absolute so that it works from any folder."""
+    base = Path(src).resolve().parent
+    rows = [parsed for parsed in map(parse_line, Path(src).read_text(encoding="utf-8").splitlines()) if parsed]
+    keep = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
+    lines = []
+    for i in keep:
+        path, label, extras = rows[i]
+        lines.append(format_sample(str(base / path), label, extras.get("gender", ""), extras.get("age", "")))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, "# path\tlabel\tgender\tage\n" + "".join(lines))
+    return out
+
+
+def quick_suffix(args) -> str:
+    short = {"max_train_images": "n", "max_val_images": "v", "num_epochs": "e", "image_size": "s"}
+    return "".join(f"-{short[k]}{getattr(args, k)}" for k in QUICK_OPTIONS if getattr(args, k) is not None)
+
+
+def evaluation_manifest(args, recipe: argparse.Namespace, out_dir: Path) -> str:
+    """The config's val_txt, or its random subset for a quick run (validation and evaluation alike)."""
+    if not args.max_val_images:
+        return recipe.val_txt
+    return str(subset_manifest(recipe.val_txt, args.max_val_images, out_dir / "val_subset.txt", args.seed))
+
+
+def training_options(args, recipe: argparse.Namespace, out_dir: Path, val_txt: str) -> list[str]:
+    """Training flags that replace the config's for a quick run (subsets, epochs, size)."""
+    # The taxonomy as resolved for the full manifests: a subset has no classes.txt beside it.
+    opts = ["--taxonomy", recipe.taxonomy, "--val_txt", val_txt]
+    if args.max_train_images:
+        opts += ["--train_txt", str(subset_manifest(recipe.train_txt, args.max_train_images,
+                                                    out_dir / "train_subset.txt", args.seed))]
+    for name in ("num_epochs", "image_size", "workers"):
+        if getattr(args, name) is not None:
+            opts += [f"--{name}", str(getattr(args, name))]
+    return opts
+
+
+# --- training --------------------------------------------------------------------------------------------------
+
+def train_variant(config_path: str, variant: str, run_dir: Path, options: list[str], retrain: bool) -> Path:
+    """best.pt of the recipe trained with ``--balance variant`` in ``run_dir``: reused when finished
+    (calibrated), resumed when interrupted, otherwise trained."""
+    best, last = run_dir / "best.pt", run_dir / "last.pt"
+    finished = load_checkpoint(best) if (best.is_file() and not retrain) else {}
+    if "calibration" in finished:  # written after the last epoch: the run completed
+        balance = (finished.get("train_args") or {}).get("balance")
+        if balance != variant:
+            raise ValueError(f"{best} was trained with --balance {balance}, not {variant}: use another --out_dir")
+        print(f"[{variant}] reusing the finished run {best}", flush=True)
+        return best
+    mode = ["--resume"] if (last.is_file() and not retrain) else ["--overwrite"]
+    argv = ["-c", config_path, "--balance", variant, "--checkpoint_dir", str(run_dir),
+            "--log_file", str(run_dir / "log.csv"), *options, *mode]
+    print(f"[{variant}] train.py {' '.join(argv)}", flush=True)
+    started = time.time()
+    if train_main(argv) != 0:
+        raise RuntimeError(f"training variant {variant} failed (see the messages above)")
+    print(f"[{variant}] trained in {time.time() - started:.0f} s", flush=True)
+    return best
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+def _worst_group(evaluation: dict) -> dict | None:
+    """The race x gender cell of lowest accuracy among those with >= 10 faces (the gap's worst group)."""
+    gap = (evaluation.get("subgroup_gaps") or {}).get("race_x_gender")
+    if not gap:
+        return None
+    group = next(g for g in evaluation["subgroups"]["race_x_gender"] if g["group"] == gap["worst_group"])
+    return {"name": group["group"], "accuracy": group["accuracy"]["value"], "n": group["n"]}
+
+
+def _accuracy_at_coverage(table, classes, coverage: float = COVERAGE) -> float | None:
+    valid, _ = clean_predictions(table, classes)
+    confidence = valid["confidence"].to_numpy(float)
+    correct = (valid["y_true"] == valid["y_pred"]).to_numpy(float)
+    return abstention_summary(confidence, correct, choose_threshold(confidence, coverage))["accuracy_at_coverage"]
+
+
+def benchmark_row(variant: str, tta: bool, evaluation: dict, table, calibration: dict | None) -> dict:
+    worst = evaluation["worst_class"]
+    return {
+        "variant": variant,
+        "tta": tta,
+        "accuracy": evaluation["accuracy"],
+        "balanced_accuracy": evaluation["balanced_accuracy"],
+        "worst_class": {"name": worst["class"], "accuracy": worst["accuracy"]} if worst else None,
+        "worst_group": _worst_group(evaluation),
+        # The temperature's effect as fitted after training (on this validation set); with TTA only the
+        # ECE measured here exists.
+        "ece_before": None if tta else (calibration or {}).get("ece_before"),
+        "ece_after": evaluation["ece"] if (tta or not calibration) else calibration.get("ece_after"),
+        "accuracy_at_95_coverage": _accuracy_at_coverage(table, evaluation["classes"]),
+    }
+
+
+def evaluate_variant(variant: str, checkpoint: Path, recipe, val_txt: str, args) -> tuple[list[dict], dict]:
+    """Rows (plain, and with TTA if asked) and the full evaluations, keyed 'plain' / 'tta'."""
+    predictor = load_predictor(checkpoint)
+    taxonomy = predictor.taxonomy
+    mapping = None
+    if recipe.source_taxonomy or recipe.label_map:
+        source = get_taxonomy(recipe.source_taxonomy) if recipe.source_taxonomy else taxonomy
+        mapping = get_mapping(source, taxonomy, load_label_map(recipe.label_map) if recipe.label_map else None)
+    samples = load_eval_samples(taxonomy, val_txt=val_txt, mapping=mapping)
+    classes = list(taxonomy.classes)
+    workers = recipe.workers if args.workers is None else args.workers
+    rows, evaluations = [], {}
+    for tta in ([False, True] if args.tta else [False]):
+        predictor.set_tta(tta)
+        table = predict_samples(predictor, samples, taxonomy, recipe.batch_size, workers,
+                                desc=f"{variant}{' +TTA' if tta else ''}")
+        evaluation = evaluate_predictions(table, classes, n_boot=args.n_boot, seed=args.seed)
+        rows.append(benchmark_row(variant, tta, evaluation, table, predictor.calibration))
+        evaluations["tta" if tta else "plain"] = evaluation
+    return rows, evaluations
+
+
+# --- output ----------------------------------------------------------------------------------------------------
+
+def _named(entry: dict | None) -> str:
+    return "n/a" if not entry else f"{entry['name']} {fmt_pct(entry['accuracy'], 1)}"
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["variant", "TTA", "accuracy [95% CI]", "bal. acc.", "worst class", "worst race × gender",
+              "ECE raw -> cal", "acc@95% cov."]
+    body = [[r["variant"], "flip" if r["tta"] else "-", fmt_ci(r["accuracy"], 2),
+             fmt_pct(r["balanced_accuracy"]["value"], 2), _named(r["worst_class"]), _named(r["worst_group"]),
+             f"{fmt_num(r['ece_before'], 4)} -> {fmt_num(r['ece_after'], 4)}",
+             fmt_pct(r["accuracy_at_95_coverage"], 2)] for r in rows]
+    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
+    fmt = lambda line: "  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    recipe = config.parse_args(["-c", args.config], prog="bench/accuracy.py")
+    needed = [recipe.val_txt] if args.model_path else [recipe.train_txt, recipe.val_txt]
+    missing = [m for m in needed if not Path(m).is_file()]
+    if missing:
+        print(f"{missing[0]} not found: prepare the manifests first, with\n  "
+              f"{prepare_command(recipe.train_txt, recipe.taxonomy)}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out_dir or Path("runs") / "accuracy" / (Path(args.config).stem + quick_suffix(args)))
+    val_txt = evaluation_manifest(args, recipe, out_dir)
+
+    rows, details = [], {}
+    if args.model_path:
+        checkpoint = Path(args.model_path)
+        label = args.variants or (load_checkpoint(checkpoint).get("train_args") or {}).get("balance") or "model"
+        plan = [(label, checkpoint)]
+    else:
+        options = training_options(args, recipe, out_dir, val_txt)
+        plan = [(v, None) for v in args.variants]
+    for variant, checkpoint in plan:
+        if checkpoint is None:
+            checkpoint = train_variant(args.config, variant, out_dir / variant, options, args.retrain)
+        variant_rows, evaluations = evaluate_variant(variant, checkpoint, recipe, val_txt, args)
+        rows += variant_rows
+        details[variant] = {"checkpoint": str(checkpoint), "evaluation": evaluations}
+
+    quick = {k: getattr(args, k) for k in QUICK_OPTIONS if getattr(args, k) is not None}
+    title = f"Accuracy benchmark: {args.config} on {val_txt}" + (f" (QUICK RUN {quick}: not the recipe's figures)"
+                                                                  if quick else "")
+    print(f"\n{title}\n{format_table(rows)}")
+    if args.json:
+        result = {"config": args.config, "val_txt": val_txt, "quick": quick, "n_boot": args.n_boot,
+                  "columns": list(COLUMNS), "rows": rows, "variants": details}
+        atomic_write_text(args.json, json.dumps(result, indent=1, default=_json_default) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _json_default(value):
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

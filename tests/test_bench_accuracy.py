@@ -1,0 +1,55 @@
+"""bench/accuracy.py end to end on the synthetic set with a tiny model: every variant trained, evaluated
+(with and without TTA) and written to the JSON table; finished runs reused; missing manifests explained."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import yaml
+
+from conftest import ARCH, REPO
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "bench" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _recipe(tmp_path, manifests, **overrides):
+    cfg = {"dataset": "smoke", "train_txt": str(manifests / "train.txt"), "val_txt": str(manifests / "val.txt"),
+           "arch": ARCH, "image_size": 32, "batch_size": 8, "num_epochs": 1, "learning_rate": 0.003,
+           "workers": 0, **overrides}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_bench_trains_every_variant_and_writes_the_table(bench, manifests, tmp_path, capsys):
+    recipe, out = _recipe(tmp_path, manifests), tmp_path / "bench.json"
+    argv = ["--config", str(recipe), "--out_dir", str(tmp_path / "runs"), "--n_boot", "20"]
+    assert bench.main([*argv, "--variants", "none,sampler,group", "--tta", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["variant"], r["tta"]) for r in result["rows"]] == [
+        (v, t) for v in ("none", "sampler", "group") for t in (False, True)]
+    for row in result["rows"]:
+        assert set(bench.COLUMNS) <= set(row)
+        assert 0 <= row["accuracy"]["value"] <= 1 and row["accuracy"]["ci_low"] <= row["accuracy"]["ci_high"]
+        assert row["worst_class"]["accuracy"] <= row["balanced_accuracy"]["value"] + 1e-9
+        assert (row["ece_before"] is None) == row["tta"] and row["ece_after"] is not None
+    assert set(result["variants"]) == {"none", "sampler", "group"}
+    text = capsys.readouterr().out
+    assert "accuracy [95% CI]" in text and "worst race × gender" in text
+    # A finished run is reused, not retrained.
+    assert bench.main([*argv, "--variants", "sampler"]) == 0
+    assert "reusing the finished run" in capsys.readouterr().out
+
+
+def test_bench_without_manifests_prints_the_prepare_command(bench, manifests, tmp_path, capsys):
+    recipe = _recipe(tmp_path, manifests, train_txt=str(tmp_path / "runs/fairface_x/train.txt"), taxonomy="seed5")
+    assert bench.main(["--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "race-classifier prepare fairface ../shared/data/fairface --out" in err and "--taxonomy seed5" in err
