@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         # train resolves its YAML config defaults itself, shared with the root train.py.
         from race_classifier.training.train import main as train_main
-        return train_main(argv[1:])
+        return train_main(argv[1:], prog="race-classifier train")
     args = build_parser().parse_args(argv)
     return run_command(args.func, args)
 

@@ -311,6 +311,6 @@ def run(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     from race_classifier.cli import run_command
-    return run_command(run, config.parse_args(argv))
+    return run_command(run, config.parse_args(argv, prog=prog))
