@@ -3,7 +3,11 @@ exactly the batches it had already trained on, and reruns are reproducible.
 
 Its optional per-sample weights come from ``class_balanced_weights`` (every class drawn equally,
 ``--balance sampler``) or ``group_balanced_weights`` (every race x gender cell drawn equally,
-``--balance group``)."""
+``--balance group``).
+
+Distributed (``rank``/``world_size``), each rank takes ``order[rank::world_size]`` of the epoch's order, padded
+by repeating its head to a multiple of the world size (torch's DistributedSampler semantics): the ranks' shards
+are disjoint slots that together cover the whole order, and ``start`` counts positions in the rank's shard."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,18 +40,23 @@ def group_balanced_weights(labels: Sequence[int], groups: Sequence[str]) -> torc
 
 
 class EpochSampler(Sampler[int]):
-    """Shuffles (or draws by ``weights`` with replacement) with a generator seeded by seed and epoch."""
+    """Shuffles (or draws by ``weights`` with replacement) with a generator seeded by seed and epoch;
+    yields this rank's shard of that order."""
 
-    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True, weights: torch.Tensor | None = None):
+    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True, weights: torch.Tensor | None = None,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
         self.num_items = num_items
         self.seed = seed
         self.shuffle = shuffle
         self.weights = weights
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Order of ``epoch``; ``start`` skips that many leading indices (resuming mid-epoch)."""
+        """Order of ``epoch``; ``start`` skips that many leading indices of this rank's shard (resuming mid-epoch)."""
         self.epoch, self.start = epoch, start
 
     def order(self) -> list[int]:
@@ -58,8 +67,21 @@ class EpochSampler(Sampler[int]):
             return torch.randperm(self.num_items, generator=g).tolist()
         return list(range(self.num_items))
 
+    def shard(self) -> list[int]:
+        """This rank's part of ``order()``: every world_size-th index, padded so all ranks get as many."""
+        order = self.order()
+        if self.world_size == 1:
+            return order
+        padding = self.shard_size * self.world_size - len(order)
+        order += (order * (padding // max(len(order), 1) + 1))[:padding]
+        return order[self.rank::self.world_size]
+
+    @property
+    def shard_size(self) -> int:
+        return -(-self.num_items // self.world_size)
+
     def __iter__(self):
-        return iter(self.order()[self.start:])
+        return iter(self.shard()[self.start:])
 
     def __len__(self) -> int:
-        return self.num_items - self.start
+        return self.shard_size - self.start

@@ -46,15 +46,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, scaler: torch.amp.GradScaler, device: torch.device, amp_dtype: torch.dtype | None,
                     progress: EpochProgress, global_step: int, desc: str = "train",
-                    on_step: Callable[[int], None] | None = None) -> int:
-    """Train over ``loader`` (already positioned past ``progress.batches``); returns the new global step."""
+                    on_step: Callable[[int], None] | None = None, show: bool = True) -> int:
+    """Train over ``loader`` (already positioned past ``progress.batches``); returns the new global step.
+    ``show``: a progress bar (or, off a terminal, progress log lines)."""
     model.train()
     quiet = not sys.stderr.isatty()  # tqdm hides itself then; a log line every LOG_EVERY batches instead
     started, seen_before, total = time.time(), progress.seen, progress.batches + len(loader)
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None, unit="batch"):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=None if show else True, unit="batch"):
         progress.failures.update(batch["failures"])
         progress.batches += 1
-        if quiet and progress.batches % LOG_EVERY == 0 and progress.seen:
+        if show and quiet and progress.batches % LOG_EVERY == 0 and progress.seen:
             rate = (progress.seen - seen_before) / max(time.time() - started, 1e-9)
             log.info("%s: batch %d/%d, loss %.4f, %.1f images/s", desc, progress.batches, total,
                      progress.loss_sum / progress.seen, rate)

@@ -4,11 +4,21 @@ then best.pt is calibrated on the validation set and MODEL_CARD.md written besid
 A run killed at any moment (even SIGKILL mid-epoch) continues with ``--resume``: last.pt holds the
 optimizer, scaler, RNG and sampler position, and the CSV log is rewritten from the checkpoint's history,
 so the resumed run logs every epoch exactly once.
+
+Under torchrun (WORLD_SIZE > 1) the run is data-parallel (training/distributed.py): every process trains
+on its shard of each epoch's order with --batch_size images per step (the global batch is world size times
+that; the learning rate is not scaled), gradients are averaged by DistributedDataParallel, and the epoch's
+training sums are added over the ranks. Validation runs on rank 0 over the whole validation set with the
+same weights every rank holds, so the figures are a single process's. Rank 0 alone prints and writes the
+log, checkpoints, skipped-image listing and model card; the other ranks print nothing but errors. Every rank
+resumes from last.pt, whose RNG state is rank 0's.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -27,6 +37,7 @@ from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
 from race_classifier.models.checkpoint import load_checkpoint, save_checkpoint
 from race_classifier.models.factory import create_model
 from race_classifier.training import config
+from race_classifier.training.distributed import World, init_from_env, teardown
 from race_classifier.training.engine import EpochProgress, evaluate, train_one_epoch
 from race_classifier.training.report import append_csv_row, epoch_row, format_epoch, rewrite_csv
 from race_classifier.training.rng import get_rng_state, seed_everything, seed_worker, set_rng_state
@@ -62,9 +73,10 @@ def _better(value: float | None, best: float | None, metric: str) -> bool:
 
 
 class Trainer:
-    def __init__(self, args):
+    def __init__(self, args, world: World = World(), device: torch.device | None = None):
         self.args = args
-        self.device = resolve_device(args.device)
+        self.world = world
+        self.device = device or resolve_device(args.device)
         self.amp_dtype = resolve_amp(args.amp, self.device)
         self.dir = Path(args.checkpoint_dir)
         self.last_path, self.best_path = self.dir / "last.pt", self.dir / "best.pt"
@@ -83,6 +95,12 @@ class Trainer:
         seed_everything(args.seed)
         pretrained = None if args.resume else args.pretrained
         self.model = create_model(args.arch, self.taxonomy.num_classes, pretrained, args.drop_rate).to(self.device)
+        self.train_model = self.model  # what training calls: the model itself, or its DDP wrapper
+        if world.distributed:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if world.rank:  # the same weights everywhere (DDP copies rank 0's), other augmentation draws
+                seed_everything(args.seed + world.rank)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         # Normalise as the backbone was pretrained (timm records it; torchvision's are ImageNet's).
@@ -93,15 +111,22 @@ class Trainer:
         train_cache = val_cache = None
         if args.cache_dir:
             size = cache_size_for(args.image_size)
+            if not world.main:  # rank 0 builds the cache; the others then load it
+                world.barrier()
             train_cache = ImageCache.build_or_load(self.train_samples, size, args.cache_dir, args.workers)
             val_cache = ImageCache.build_or_load(self.val_samples, size, args.cache_dir, args.workers)
+            if world.main:
+                world.barrier()
         self.train_set = FaceDataset(self.train_samples, build_transform(self.preprocessing, True, aug),
                                      train_cache, draft_size=args.image_size)
         self.val_set = FaceDataset(self.val_samples, build_transform(self.preprocessing, False),
                                    val_cache, draft_size=args.image_size)
 
-        self.drop_last = len(self.train_set) >= args.batch_size  # no size-1 batches for BatchNorm
-        self.steps_per_epoch = max(1, len(self.train_set) // args.batch_size if self.drop_last else 1)
+        self.sampler = EpochSampler(len(self.train_set), args.seed, rank=world.rank, world_size=world.size,
+                                    weights=self._sampling_weights(self.train_set.labels))
+        per_rank = self.sampler.shard_size
+        self.drop_last = per_rank >= args.batch_size  # no size-1 batches for BatchNorm
+        self.steps_per_epoch = max(1, per_rank // args.batch_size if self.drop_last else 1)
         total_steps = self.steps_per_epoch * args.num_epochs
         self.optimizer = create_optimizer_v2(self.model, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
         min_lr = args.learning_rate * args.min_lr_ratio
@@ -116,7 +141,6 @@ class Trainer:
             counts = torch.bincount(labels, minlength=self.taxonomy.num_classes).float()
             class_weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
         self.criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=args.label_smoothing).to(self.device)
-        self.sampler = EpochSampler(len(self.train_set), args.seed, weights=self._sampling_weights(labels.tolist()))
 
         self.val_loader = DataLoader(self.val_set, batch_size=args.batch_size, shuffle=False,
                                      num_workers=args.workers, collate_fn=collate_skipping_failures,
@@ -159,15 +183,28 @@ class Trainer:
         resume = {
             "epoch": epoch,
             "global_step": self.global_step,
-            "progress": self.progress.to_dict() if in_progress else None,
+            "progress": self._epoch_progress().to_dict() if in_progress else None,
             "elapsed": self.elapsed_now() if in_progress else 0.0,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": get_rng_state(),
             "skipped": dict(self.skipped),
+            "world_size": self.world.size,  # a mid-epoch position is per rank
         }
-        metrics = self.history[-1] if self.history else {}
-        self._save(self.last_path, epoch, metrics, resume)
+        if self.world.main:
+            metrics = self.history[-1] if self.history else {}
+            self._save(self.last_path, epoch, metrics, resume)
+
+    def _epoch_progress(self) -> EpochProgress:
+        """The epoch's progress over all ranks (collective: every rank calls it at the same step)."""
+        p = self.progress
+        if not self.world.distributed:
+            return p
+        loss_sum, correct, seen = self.world.all_sum(p.loss_sum, p.correct, p.seen)
+        failures = {}
+        for part in self.world.all_gather(p.failures):
+            failures.update(part)
+        return EpochProgress(p.batches, loss_sum, int(correct), int(seen), failures)
 
     def prepare_run_dir(self) -> None:
         log_file = Path(self.args.log_file)
@@ -179,11 +216,13 @@ class Trainer:
         if existing and not self.args.overwrite:
             raise TrainingError(f"run files already exist ({', '.join(map(str, existing))}): use --resume to "
                                 "continue that run, --overwrite to start afresh, or another --checkpoint_dir")
-        for p in existing:
-            p.unlink()
-        if self.args.overwrite:  # the previous run's card must not sit beside this run's checkpoint
-            (self.dir / "MODEL_CARD.md").unlink(missing_ok=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.world.main:
+            for p in existing:
+                p.unlink()
+            if self.args.overwrite:  # the previous run's card must not sit beside this run's checkpoint
+                (self.dir / "MODEL_CARD.md").unlink(missing_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.world.barrier()
 
     def restore(self) -> None:
         ckpt = load_checkpoint(self.last_path)
@@ -191,6 +230,9 @@ class Trainer:
             raise TrainingError(f"{self.last_path} was trained as {ckpt['arch']} on {ckpt['taxonomy']['classes']}; "
                                 f"this run asks for {self.args.arch} on {self.classes}")
         r = ckpt["resume"]
+        if r["progress"] is not None and r.get("world_size", 1) != self.world.size:
+            raise TrainingError(f"{self.last_path} stopped mid-epoch in a run of {r.get('world_size', 1)} "
+                                f"process(es); resume it with as many (this run has {self.world.size})")
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(r["optimizer"])
         self.scaler.load_state_dict(r["scaler"])
@@ -199,8 +241,11 @@ class Trainer:
         self.skipped = dict(r["skipped"])
         if r["progress"] is not None:
             self.progress, self.elapsed = EpochProgress.from_dict(r["progress"]), r["elapsed"]
+            if not self.world.main:  # the saved sums are all ranks' together: rank 0 carries them on
+                self.progress = EpochProgress(self.progress.batches)
         # The log becomes exactly the epochs the checkpoint knows: no duplicates, none lost.
-        rewrite_csv(self.args.log_file, self.history)
+        if self.world.main:
+            rewrite_csv(self.args.log_file, self.history)
         where = f"batch {self.progress.batches} of epoch {self.start_epoch + 1}" if r["progress"] else f"epoch {self.start_epoch + 1}"
         print(f"Resuming {self.args.dataset} from {self.last_path} at {where}", flush=True)
 
@@ -216,11 +261,12 @@ class Trainer:
                           drop_last=self.drop_last, pin_memory=self.device.type == "cuda",
                           worker_init_fn=seed_worker,
                           # Seeded per epoch, so that creating the loader draws nothing from the global RNG.
-                          generator=torch.Generator().manual_seed(self.args.seed * 7919 + epoch))
+                          generator=torch.Generator().manual_seed(self.args.seed * 7919 + epoch
+                                                                  + 104_729 * self.world.rank))
 
     def _report_skipped(self, failures: dict[int, str], samples, epoch: int) -> None:
         new = {samples[i].path: reason for i, reason in failures.items()}
-        if not new:
+        if not new or not self.world.main:
             return
         self.skipped.update(new)
         listing = self.dir / "skipped_images.txt"
@@ -230,6 +276,12 @@ class Trainer:
             print(f"   {path}: {reason}", flush=True)
 
     def run(self) -> dict:
+        if self.world.main:
+            return self._run()
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            return self._run()
+
+    def _run(self) -> dict:
         args = self.args
         self.prepare_run_dir()
         if args.resume:
@@ -239,7 +291,8 @@ class Trainer:
         for row in self.history:
             best = row[best_metric] if _better(row[best_metric], best, best_metric) else best
         print(f"Training {args.dataset}: {args.arch} on {len(self.train_set)} training / {len(self.val_set)} "
-              f"validation images, {len(self.classes)} classes ({', '.join(self.classes)}), device {self.device}",
+              f"validation images, {len(self.classes)} classes ({', '.join(self.classes)}), device {self.device}"
+              + (f" x {self.world.size} processes" if self.world.distributed else ""),
               flush=True)
         for epoch in range(self.start_epoch, args.num_epochs):
             if args.patience and self._epochs_since_best(best_metric) >= args.patience:
@@ -252,11 +305,14 @@ class Trainer:
                     self.save_last(epoch, in_progress=True)
 
             self.global_step = train_one_epoch(
-                self.model, self._train_loader(epoch), self.criterion, self.optimizer, self.scheduler, self.scaler,
-                self.device, self.amp_dtype, self.progress, self.global_step,
-                desc=f"epoch {epoch + 1}/{args.num_epochs}", on_step=on_step)
-            val = evaluate(self.model, self.val_loader, self.device, self.amp_dtype, len(self.classes))
-            p = self.progress
+                self.train_model, self._train_loader(epoch), self.criterion, self.optimizer, self.scheduler,
+                self.scaler, self.device, self.amp_dtype, self.progress, self.global_step,
+                desc=f"epoch {epoch + 1}/{args.num_epochs}", on_step=on_step, show=self.world.main)
+            val = None
+            if self.world.main:  # the unwrapped model: no collectives while the other ranks wait
+                val = evaluate(self.model, self.val_loader, self.device, self.amp_dtype, len(self.classes))
+            val = self.world.broadcast(val)
+            p = self._epoch_progress()
             row = epoch_row(epoch + 1, p.loss_sum / p.seen if p.seen else float("nan"),
                             p.correct / p.seen if p.seen else None, val, self.classes,
                             self.optimizer.param_groups[0]["lr"], self.elapsed_now(),
@@ -265,17 +321,21 @@ class Trainer:
             # best before last: if killed in between, the resumed run redoes this epoch and both get written.
             if _better(row[best_metric], best, best_metric):
                 best = row[best_metric]
-                self._save(self.best_path, epoch + 1, row, resume=None)
+                if self.world.main:
+                    self._save(self.best_path, epoch + 1, row, resume=None)
             self.progress, self.elapsed = EpochProgress(), 0.0
             self.save_last(epoch + 1, in_progress=False)
-            append_csv_row(args.log_file, row)
+            if self.world.main:
+                append_csv_row(args.log_file, row)
             print(format_epoch(row, args.num_epochs, self.classes), flush=True)
             self._report_skipped(p.failures, self.train_samples, epoch + 1)
             self._report_skipped(val["failures"], self.val_samples, epoch + 1)
         if args.patience and self._epochs_since_best(best_metric) >= args.patience:
             print(f"Early stopping: no {best_metric} improvement in {args.patience} epochs", flush=True)
         summary = self._summary(best_metric)
-        self.finalize()
+        if self.world.main:
+            self.finalize()
+        self.world.barrier()
         return summary
 
     def finalize(self) -> dict | None:
@@ -307,7 +367,13 @@ class Trainer:
 
 
 def run(args) -> int:
-    Trainer(args).run()
+    world, device = init_from_env(args.device)
+    if not world.main:
+        logging.getLogger().setLevel(logging.ERROR)  # other ranks: errors only
+    try:
+        Trainer(args, world, device).run()
+    finally:
+        teardown(world)
     return 0
 
 
