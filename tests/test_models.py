@@ -58,3 +58,27 @@ def test_shared_imagenet_mobilenet_v2_loads_offline(shared_dir):
     state = model.state_dict()
     assert torch.equal(state["features.0.0.weight"], reference["features.0.0.weight"])
     assert state["classifier.1.weight"].shape == (5, 1280)
+
+
+def test_converted_weights_with_other_names_load_by_position_only_when_every_shape_lines_up(tmp_path):
+    source = create_model("torchvision:resnet18", 1000)
+    renamed = {f"_layer{i}.{k.split('.')[-1]}": v for i, (k, v) in enumerate(source.state_dict().items())}
+    path = tmp_path / "converted.pth"
+    torch.save(renamed, path)
+    model = create_model("torchvision:resnet18", 5, pretrained=str(path))
+    assert torch.equal(model.state_dict()["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"])
+    # The same tensors in another order do not line up: refused, never loaded into the wrong places.
+    items = list(renamed.items())
+    torch.save(dict(items[5:] + items[:5]), path)
+    with pytest.raises(WeightsMismatchError, match="does not fit"):
+        create_model("torchvision:resnet18", 5, pretrained=str(path))
+
+
+@pytest.mark.shared("weights/efficientnet-lite0-57934424.pth")
+def test_shared_efficientnet_lite0_loads_into_timm_tf_efficientnet_lite0(shared_dir):
+    path = shared_dir / "weights/efficientnet-lite0-57934424.pth"
+    model = create_model("tf_efficientnet_lite0", 5, pretrained=str(path))
+    reference = torch.load(path, weights_only=True)
+    assert torch.equal(model.state_dict()["conv_stem.weight"], reference["_conv_stem.weight"])
+    assert torch.equal(model.state_dict()["conv_head.weight"], reference["_conv_head.weight"])
+    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)  # TF's preprocessing, picked up by training

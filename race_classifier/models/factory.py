@@ -74,6 +74,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def _match_by_position(state: dict, own: dict, head: str) -> dict | None:
+    """Converted checkpoints (e.g. EfficientNet-Lite0 in the efficientnet_lite_pytorch layout) name every
+    tensor differently but list the same tensors in the same order. Pair them by position, but only when
+    the whole backbone lines up: same count and the same shape at every position."""
+    theirs = list(state.items())
+    ours = [k for k in own if not k.startswith(head + ".")]
+    if len(theirs) < len(ours):
+        return None
+    if any(own[k].shape != v.shape for k, (_, v) in zip(ours, theirs)):
+        return None
+    return {k: v for k, (_, v) in zip(ours, theirs)}
+
+
 def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     """Load a pretrained state dict, leaving out the classifier; any other mismatch is an error."""
     state = read_state_dict(path)
@@ -81,6 +94,14 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     head = classifier_prefix(model)
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in usable and not k.startswith(head + ".")]
+    if missing and len(missing) == len([k for k in own if not k.startswith(head + ".")]):
+        by_position = _match_by_position(state, own, head)
+        if by_position is not None:
+            first = next(iter(state))
+            log.info("%s: no tensor name matches this architecture, but all %d backbone tensors line up in "
+                     "order and shape; loading them by position (e.g. %s -> %s)",
+                     path, len(by_position), first, next(iter(by_position)))
+            usable, missing = by_position, []
     if missing:
         raise WeightsMismatchError(
             f"{path} does not fit this architecture: {len(missing)} of its {len(own)} tensors are missing "
