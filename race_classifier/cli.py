@@ -41,40 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="write train.txt / val.txt / classes.txt from a folder tree, "
-                       "FairFace CSV or UTKFace folder")
-    prepare.add_arguments(p)
-    p.set_defaults(func=prepare.run)
+    # train is dispatched in main() (YAML config defaults); registered here for --help.
+    config.add_arguments(sub.add_parser("train", help="train a classifier from manifests (same flags as train.py)"))
 
-    p = sub.add_parser("train", help="train a classifier from manifests (same flags as train.py)")
-    config.add_arguments(p)
-
-    p = sub.add_parser("calibrate", help="fit a temperature and an abstention threshold on validation data, "
-                       "store them in a checkpoint and write its MODEL_CARD.md (training does this itself)")
-    finalize.add_arguments(p)
-    p.set_defaults(func=finalize.run)
-
-    p = sub.add_parser("evaluate", help="score a model on labelled images: CSV, metrics with CIs, HTML report")
-    evaluation.add_arguments(p)
-    p.set_defaults(func=evaluation.run)
-
-    p = sub.add_parser("compare", help="score a model and a baseline (e.g. production) on the same images, "
-                       "with paired significance tests")
-    evaluation.add_arguments(p, baseline_required=True)
-    p.set_defaults(func=evaluation.run)
-
-    p = sub.add_parser("export", help="export a checkpoint to a self-describing ONNX file (fp32 or int8), "
-                       "verified against PyTorch before it is written")
-    export.add_arguments(p)
-    p.set_defaults(func=export.run)
-
-    p = sub.add_parser("predict", help="find, align and classify the faces in photos, folders, lists or a video")
-    predict.add_arguments(p)
-    p.set_defaults(func=predict.run)
-
-    p = sub.add_parser("serve", help="an HTTP service and web page for real-time inference (FastAPI + uvicorn)")
-    serve.add_arguments(p)
-    p.set_defaults(func=serve.run)
+    # name, help, module with add_arguments(parser, **options) and run(args), options
+    stages = [
+        ("prepare", "write train.txt / val.txt / classes.txt from a folder tree, FairFace CSV or UTKFace folder",
+         prepare, {}),
+        ("calibrate", "fit a temperature and an abstention threshold on validation data, store them in a "
+         "checkpoint and write its MODEL_CARD.md (training does this itself)", finalize, {}),
+        ("evaluate", "score a model on labelled images: CSV, metrics with CIs, HTML report", evaluation, {}),
+        ("compare", "score a model and a baseline (e.g. production) on the same images, with paired "
+         "significance tests", evaluation, {"baseline_required": True}),
+        ("export", "export a checkpoint to a self-describing ONNX file (fp32 or int8), verified against "
+         "PyTorch before it is written", export, {}),
+        ("predict", "find, align and classify the faces in photos, folders, lists or a video", predict, {}),
+        ("serve", "an HTTP service and web page for real-time inference (FastAPI + uvicorn)", serve, {}),
+    ]
+    for name, help_text, module, options in stages:
+        p = sub.add_parser(name, help=help_text)
+        module.add_arguments(p, **options)
+        p.set_defaults(func=module.run)
 
     p = sub.add_parser("synth", help="generate the embedded synthetic smoke-test dataset (abstract patterns)")
     p.add_argument("--out", required=True)
