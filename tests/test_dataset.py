@@ -53,8 +53,8 @@ def test_getitem_good_and_bad(samples):
     assert len(dataset) == 7
     assert dataset.labels == [s.label for s in samples]
     good = dataset[2]
-    assert set(good) == {"index", "image", "label"}
-    assert good["index"] == 2 and good["label"] == samples[2].label
+    assert set(good) == {"index", "image", "targets"}
+    assert good["index"] == 2 and good["targets"].tolist() == [samples[2].label]
     assert isinstance(good["image"], torch.Tensor) and good["image"].shape == (3, SIZE, SIZE)
     bad = dataset[3]
     assert set(bad) == {"index", "error"}

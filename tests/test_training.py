@@ -62,7 +62,7 @@ def test_epoch_lines_csv_and_checkpoints(manifests, tmp_path, capsys):
     from race_classifier.training.engine import evaluate
     val = FaceDataset(read_manifest(manifests / "val.txt", loaded.taxonomy), build_transform(loaded.preprocessing, False))
     loader = torch.utils.data.DataLoader(val, batch_size=8, collate_fn=collate_skipping_failures)
-    result = evaluate(loaded.model, loader, torch.device("cpu"), None, len(PATTERNS))
+    result = evaluate(loaded.model, loader, torch.device("cpu"), None, loaded.heads)
     assert result["accuracy"] == pytest.approx(best["metrics"]["val_accuracy"], abs=1e-6)
 
 

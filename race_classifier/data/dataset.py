@@ -15,8 +15,13 @@ from race_classifier.data.manifest import Sample
 
 
 class FaceDataset(Dataset):
-    def __init__(self, samples: Sequence[Sample], transform, cache=None, draft_size: int | None = None):
+    def __init__(self, samples: Sequence[Sample], transform, cache=None, draft_size: int | None = None,
+                 targets: torch.Tensor | None = None):
+        """``targets``: (N, heads) class indices per head (heads.targets_tensor), -1 where unknown;
+        default: the race label alone."""
         self.samples = list(samples)
+        self.targets = targets if targets is not None else torch.tensor(
+            [[s.label] for s in self.samples], dtype=torch.long).reshape(len(self.samples), 1)
         self.transform = transform
         self.cache = cache
         self.draft_size = draft_size
@@ -38,15 +43,17 @@ class FaceDataset(Dataset):
             image = self.transform(self.load_image(index))
         except ImageLoadError as e:
             return {"index": index, "error": e.reason}
-        return {"index": index, "image": image, "label": self.samples[index].label}
+        return {"index": index, "image": image, "targets": self.targets[index]}
 
 
 def collate_skipping_failures(items: list[dict]) -> dict:
-    """Stack the readable items; pass the unreadable ones on as (index, reason) pairs."""
+    """Stack the readable items; pass the unreadable ones on as (index, reason) pairs. ``labels`` is the race
+    column of ``targets`` (one column per head)."""
     good = [it for it in items if "error" not in it]
     return {
         "images": torch.stack([it["image"] for it in good]) if good else None,
-        "labels": torch.tensor([it["label"] for it in good], dtype=torch.long),
+        "labels": torch.tensor([int(it["targets"][0]) for it in good], dtype=torch.long),  # race
+        "targets": torch.stack([it["targets"] for it in good]) if good else torch.zeros(0, 1, dtype=torch.long),
         "indices": torch.tensor([it["index"] for it in good], dtype=torch.long),
         "failures": [(it["index"], it["error"]) for it in items if "error" in it],
     }

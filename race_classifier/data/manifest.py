@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from race_classifier.heads import UNKNOWN_VALUES
 from race_classifier.labels import LabelMapping, Taxonomy, UnknownLabelError
 from race_classifier.utils import atomic_write_text
 
@@ -32,7 +33,7 @@ class ManifestError(ValueError):
 @dataclass(frozen=True)
 class Sample:
     path: str
-    label: int  # class index in the taxonomy the manifest was read with
+    label: int  # class index in the taxonomy the manifest was read with; -1: unknown (multi-task only)
     gender: str = ""
     age: str = ""
     line: int = 0  # line number in the manifest, for messages
@@ -56,11 +57,13 @@ def parse_line(text: str) -> tuple[str, str, dict[str, str]] | None:
 
 
 def read_manifest(path: str | Path, taxonomy: Taxonomy, mapping: LabelMapping | None = None,
-                  check_files: bool = True) -> list[Sample]:
+                  check_files: bool = True, keep_unlabelled: bool = False) -> list[Sample]:
     """Read a manifest; labels are matched in ``mapping.source`` (then mapped) or in ``taxonomy``.
 
     Samples whose class the mapping drops are left out; missing images (when ``check_files``) are
-    reported with their line and left out. Raises ManifestError naming file and line for an unknown
+    reported with their line and left out. ``keep_unlabelled`` (multi-task training): samples whose race
+    is unknown (``-``, ``?``, ``unknown``) or dropped by the mapping are kept with label -1, so that they
+    train the other heads. Raises ManifestError naming file and line for an unknown
     label or a malformed line, and for a manifest with no usable image.
     """
     path = Path(path)
@@ -79,10 +82,14 @@ def read_manifest(path: str | Path, taxonomy: Taxonomy, mapping: LabelMapping | 
                 continue
             image, label, extras = parsed
             try:
-                if mapping is not None:
+                if keep_unlabelled and label.strip().lower() in UNKNOWN_VALUES:
+                    index = -1
+                elif mapping is not None:
                     index = mapping.map_label(label)
                     if index is None:
-                        continue
+                        if not keep_unlabelled:
+                            continue
+                        index = -1
                 else:
                     index = taxonomy.index(label)
             except UnknownLabelError as e:

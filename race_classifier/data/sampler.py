@@ -17,10 +17,13 @@ from torch.utils.data import Sampler
 
 
 def class_balanced_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
-    """Per-sample weights that give every present class the same total weight."""
-    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
+    """Per-sample weights that give every present class the same total weight. Samples without a race label
+    (-1, kept by multi-task training for their other heads) are one more class."""
+    labels = torch.as_tensor(labels)
+    labels = torch.where(labels < 0, num_classes, labels)
+    counts = torch.bincount(labels, minlength=num_classes + 1).double()
     per_class = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
-    return per_class[torch.as_tensor(labels)]
+    return per_class[labels]
 
 
 def group_balanced_weights(labels: Sequence[int], groups: Sequence[str]) -> torch.Tensor:

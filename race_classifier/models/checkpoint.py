@@ -2,7 +2,9 @@
 
 Keys (all plain Python types and tensors, so ``torch.load(..., weights_only=True)`` reads it):
   format, format_version, arch, num_classes, state_dict, taxonomy, preprocessing,
-  train_args, epoch, metrics, history, and for resuming (``last.pt``) a ``resume`` dict.
+  train_args, epoch, metrics, history, and for resuming (``last.pt``) a ``resume`` dict;
+  ``heads`` (race.heads.HeadLayout.to_dict) when the model has gender/age heads besides race: the model's
+  output is then every head's logits side by side, race first (files without it are race-only).
 best.pt also gets, once training ends (or from ``race-classifier calibrate``), ``calibration``:
   {"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "fitted_on", "n",
    "abstention": {"threshold", "target_coverage", "coverage", "accuracy_at_coverage", "accuracy_all"}}
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from race_classifier.data.transforms import Preprocessing
+from race_classifier.heads import HeadLayout
 from race_classifier.labels import Taxonomy
 from race_classifier.models.factory import create_model
 from race_classifier.utils import atomic_torch_save
@@ -31,7 +34,7 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, arch: str, taxonomy: Taxonomy,
                     preprocessing: Preprocessing, train_args: dict, epoch: int, metrics: dict,
-                    history: list[dict], resume: dict | None = None) -> None:
+                    history: list[dict], resume: dict | None = None, heads: HeadLayout | None = None) -> None:
     state = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -45,6 +48,8 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, arch: str, taxonomy: 
         "metrics": metrics,
         "history": history,
     }
+    if heads is not None and heads.extra:
+        state["heads"] = heads.to_dict()
     if resume is not None:
         state["resume"] = resume
     atomic_torch_save(state, path)
@@ -73,13 +78,18 @@ class LoadedModel:
     taxonomy: Taxonomy
     preprocessing: Preprocessing
     checkpoint: dict
+    heads: HeadLayout
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The model of a checkpoint in eval mode, with its class names and preprocessing."""
     ckpt = load_checkpoint(path)
-    model = create_model(ckpt["arch"], ckpt["num_classes"])
+    taxonomy = Taxonomy.from_dict(ckpt["taxonomy"])
+    try:
+        heads = HeadLayout.from_dict(ckpt.get("heads"), taxonomy.classes)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed head layout ({e})") from None
+    model = create_model(ckpt["arch"], heads.num_outputs)
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
-    return LoadedModel(model, Taxonomy.from_dict(ckpt["taxonomy"]),
-                       Preprocessing.from_dict(ckpt["preprocessing"]), ckpt)
+    return LoadedModel(model, taxonomy, Preprocessing.from_dict(ckpt["preprocessing"]), ckpt, heads)

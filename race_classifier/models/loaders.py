@@ -23,6 +23,7 @@ import torch
 import torchvision
 
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from race_classifier.heads import HeadLayout
 from race_classifier.labels import Taxonomy, get_taxonomy
 from race_classifier.models.checkpoint import FORMAT, load_model
 
@@ -39,12 +40,13 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class Predictor:
-    """Class probabilities in ``taxonomy`` order for a batch of preprocessed images (N, 3, H, W)."""
+    """Class probabilities in ``taxonomy`` order for a batch of preprocessed images (N, 3, H, W); with
+    ``heads`` besides race (gender, age group), those heads' probabilities too (``predict_heads``)."""
     name: str
     kind: str
     taxonomy: Taxonomy
     preprocessing: Preprocessing
-    run: callable = field(repr=False)  # images tensor -> logits over the taxonomy's classes (numpy or torch)
+    run: callable = field(repr=False)  # images -> every head's logits side by side, race first (numpy or torch)
     info: dict = field(default_factory=dict)
     # Fitted on validation data (race-classifier checkpoints and their ONNX exports): {"temperature", ...,
     # "abstention": {"threshold", ...}}; None for files without one (temperature 1, no threshold).
@@ -52,10 +54,20 @@ class Predictor:
     # Test-time augmentation: predict_proba averages the calibrated probabilities of each image and its
     # horizontal mirror (faces are trained with random flips, so both views are in-distribution).
     tta: bool = False
+    heads: HeadLayout | None = None  # None: race only
+
+    def __post_init__(self):
+        if self.heads is None:
+            self.heads = HeadLayout.race_only(self.taxonomy.classes)
 
     @property
     def temperature(self) -> float:
         return float((self.calibration or {}).get("temperature") or 1.0)
+
+    def head_temperature(self, head: str) -> float:
+        if head == "race":
+            return self.temperature
+        return float((((self.calibration or {}).get("heads") or {}).get(head) or {}).get("temperature") or 1.0)
 
     @property
     def abstention_threshold(self) -> float | None:
@@ -63,20 +75,36 @@ class Predictor:
         threshold = ((self.calibration or {}).get("abstention") or {}).get("threshold")
         return None if threshold is None else float(threshold)
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw float32 logits (N, K) on the CPU, before any temperature."""
+    def all_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw float32 logits of every head side by side (N, heads.num_outputs) on the CPU."""
         return torch.as_tensor(self.run(images)).float().cpu()  # torch models give tensors, ONNX Runtime numpy
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw float32 race logits (N, K) on the CPU, before any temperature."""
+        return self.all_logits(images)[:, :self.taxonomy.num_classes]
 
     def predict_proba(self, images: torch.Tensor, tta: bool | None = None) -> np.ndarray:
         """softmax(logits / temperature): calibrated probabilities when the file carries a temperature.
         ``tta`` (default: ``self.tta``): the mean of those of the images and of their mirror images."""
-        probs = self._calibrated(self.logits(images))
-        if self.tta if tta is None else tta:
-            probs = (probs + self._calibrated(self.logits(torch.flip(images, dims=[3])))) / 2  # flip width
-        return probs.numpy()
+        return self.predict_heads(images, tta, only=("race",))["race"]
 
-    def _calibrated(self, logits: torch.Tensor) -> torch.Tensor:
-        temperature = self.temperature
+    def predict_heads(self, images: torch.Tensor, tta: bool | None = None,
+                      only: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """{head: calibrated probabilities (N, classes)} for every head (or those in ``only``), one forward
+        pass (two with ``tta``) for all of them."""
+        names = [n for n in self.heads.names if only is None or n in only]
+        probs = self._calibrated_heads(self.all_logits(images), names)
+        if self.tta if tta is None else tta:
+            mirrored = self._calibrated_heads(self.all_logits(torch.flip(images, dims=[3])), names)  # flip width
+            probs = {n: (probs[n] + mirrored[n]) / 2 for n in names}
+        return {n: p.numpy() for n, p in probs.items()}
+
+    def _calibrated_heads(self, logits: torch.Tensor, names) -> dict[str, torch.Tensor]:
+        parts = self.heads.split(logits)
+        return {n: self._calibrated(parts[n], self.head_temperature(n)) for n in names}
+
+    def _calibrated(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        temperature = self.temperature if temperature is None else temperature
         return torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=1)
 
     def set_tta(self, on: bool) -> "Predictor":
@@ -155,11 +183,14 @@ def _from_checkpoint(path: Path, device: torch.device) -> Predictor:
             "dataset": ckpt.get("train_args", {}).get("dataset"),
             "training metrics": {k: v for k, v in (ckpt.get("metrics") or {}).items()
                                  if k in ("val_accuracy", "val_balanced_accuracy", "val_loss")}}
+    if loaded.heads.extra:
+        info["heads"] = ", ".join(f"{h.name} ({', '.join(h.classes)})" for h in loaded.heads.heads)
     calibration = ckpt.get("calibration")
     if calibration:
         info["calibration"] = calibration
     return Predictor(path.name, "checkpoint", loaded.taxonomy, loaded.preprocessing,
-                     _torch_runner(loaded.model, device), info, calibration=calibration or None)
+                     _torch_runner(loaded.model, device), info, calibration=calibration or None,
+                     heads=loaded.heads)
 
 
 def _load_fairface(path: Path, state: dict, device: torch.device) -> Predictor:

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from race_classifier.evaluation.metrics import summarize
+from race_classifier.heads import HeadLayout
 
 log = logging.getLogger("race_classifier.train")
 LOG_EVERY = 50  # batches between progress lines when no terminal shows a progress bar
@@ -21,20 +22,62 @@ LOG_EVERY = 50  # batches between progress lines when no terminal shows a progre
 
 @dataclass
 class EpochProgress:
-    """Running sums of a training epoch; saved mid-epoch so a resumed epoch reports whole-epoch figures."""
+    """Running sums of a training epoch; saved mid-epoch so a resumed epoch reports whole-epoch figures.
+    ``correct``/``labelled``: per head (race first), right answers and samples labelled for that head."""
     batches: int = 0
     loss_sum: float = 0.0
-    correct: int = 0
     seen: int = 0
+    correct: list[int] = field(default_factory=lambda: [0])
+    labelled: list[int] = field(default_factory=lambda: [0])
     failures: dict[int, str] = field(default_factory=dict)
 
+    def accuracy(self, head: int = 0) -> float | None:
+        return self.correct[head] / self.labelled[head] if self.labelled[head] else None
+
     def to_dict(self) -> dict:
-        return {"batches": self.batches, "loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
-                "failures": {int(k): v for k, v in self.failures.items()}}
+        return {"batches": self.batches, "loss_sum": self.loss_sum, "seen": self.seen, "correct": list(self.correct),
+                "labelled": list(self.labelled), "failures": {int(k): v for k, v in self.failures.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "EpochProgress":
-        return cls(d["batches"], d["loss_sum"], d["correct"], d["seen"], {int(k): v for k, v in d["failures"].items()})
+        correct, labelled = d["correct"], d.get("labelled", d["seen"])
+        if isinstance(correct, int):  # saved before heads existed: race only
+            correct, labelled = [correct], [labelled]
+        return cls(d["batches"], d["loss_sum"], d["seen"], list(correct), list(labelled),
+                   {int(k): v for k, v in d["failures"].items()})
+
+    @classmethod
+    def empty(cls, num_heads: int, batches: int = 0) -> "EpochProgress":
+        return cls(batches, correct=[0] * num_heads, labelled=[0] * num_heads)
+
+
+class MultiHeadLoss(nn.Module):
+    """The sum over heads of each head's cross-entropy on the samples labelled for it (target -1: that head
+    is not trained on that sample). With the race head alone it is plain cross-entropy."""
+
+    def __init__(self, slices: list[slice], race_weights: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.slices = slices
+        self.losses = nn.ModuleList(
+            nn.CrossEntropyLoss(weight=race_weights if i == 0 else None, ignore_index=-1,
+                                label_smoothing=label_smoothing) for i in range(len(slices)))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total = logits.new_zeros(())
+        for i, (s, loss) in enumerate(zip(self.slices, self.losses)):
+            if (targets[:, i] >= 0).any():  # all-unlabelled would be 0/0
+                total = total + loss(logits[:, s].float(), targets[:, i])
+        return total
+
+
+def count_correct(logits: torch.Tensor, targets: torch.Tensor, slices: list[slice]) -> tuple[list[int], list[int]]:
+    """Per head: right answers and labelled samples."""
+    correct, labelled = [], []
+    for i, s in enumerate(slices):
+        known = targets[:, i] >= 0
+        correct.append(int((logits[known][:, s].argmax(1) == targets[known, i]).sum()))
+        labelled.append(int(known.sum()))
+    return correct, labelled
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -46,7 +89,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, scaler: torch.amp.GradScaler, device: torch.device, amp_dtype: torch.dtype | None,
                     progress: EpochProgress, global_step: int, desc: str = "train",
-                    on_step: Callable[[int], None] | None = None, show: bool = True) -> int:
+                    on_step: Callable[[int], None] | None = None, show: bool = True,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> int:
     """Train over ``loader`` (already positioned past ``progress.batches``); returns the new global step.
     ``show``: a progress bar (or, off a terminal, progress log lines)."""
     model.train()
@@ -60,20 +104,22 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
             log.info("%s: batch %d/%d, loss %.4f, %.1f images/s", desc, progress.batches, total,
                      progress.loss_sum / progress.seen, rate)
         if batch["images"] is not None:
-            images = batch["images"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
+            images = batch["images"].to(device, non_blocking=True, memory_format=memory_format)
+            targets = batch["targets"].to(device, non_blocking=True)
             scheduler.step_update(global_step)
             with autocast(device, amp_dtype):
                 logits = model(images)
-                loss = criterion(logits, labels)
+                loss = criterion(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             global_step += 1
-            progress.loss_sum += loss.item() * len(labels)
-            progress.correct += int((logits.argmax(1) == labels).sum())
-            progress.seen += len(labels)
+            progress.loss_sum += loss.item() * len(targets)
+            progress.seen += len(targets)
+            correct, labelled = count_correct(logits.detach(), targets, criterion.slices)
+            progress.correct = [a + b for a, b in zip(progress.correct, correct)]
+            progress.labelled = [a + b for a, b in zip(progress.labelled, labelled)]
         if on_step is not None:
             on_step(global_step)
     return global_step
@@ -81,21 +127,31 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None,
-             num_classes: int, desc: str = "val") -> dict:
-    """Loss (plain cross-entropy), accuracy and per-class accuracy over ``loader``."""
+             heads: HeadLayout, desc: str = "val",
+             memory_format: torch.memory_format = torch.contiguous_format) -> dict:
+    """Race accuracy and per-class accuracy over ``loader`` (summarize's keys), ``loss`` (the sum over heads
+    of each head's mean plain cross-entropy), and ``heads``: the same summary for every other head."""
     model.eval()
-    loss_sum, y_true, y_pred, failures = 0.0, [], [], {}
+    slices = list(heads.slices().values())
+    all_logits, all_targets, failures = [], [], {}
     for batch in tqdm(loader, desc=desc, leave=False, disable=None, unit="batch"):
         failures.update(batch["failures"])
         if batch["images"] is None:
             continue
-        images, labels = batch["images"].to(device), batch["labels"].to(device)
+        images = batch["images"].to(device, memory_format=memory_format)
         with autocast(device, amp_dtype):
-            logits = model(images)
-        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-        y_true += labels.tolist()
-        y_pred += logits.argmax(1).tolist()
-    result = summarize(y_true, y_pred, num_classes)
-    result["loss"] = loss_sum / len(y_true) if y_true else float("nan")
+            all_logits.append(model(images).float().cpu())
+        all_targets.append(batch["targets"])
+    logits = torch.cat(all_logits) if all_logits else torch.zeros(0, heads.num_outputs)
+    targets = torch.cat(all_targets) if all_targets else torch.zeros(0, len(slices), dtype=torch.long)
+    summaries, loss = [], 0.0
+    for i, (head, s) in enumerate(zip(heads.heads, slices)):
+        known = targets[:, i] >= 0
+        y_true, head_logits = targets[known, i], logits[known][:, s]
+        summaries.append(summarize(y_true.tolist(), head_logits.argmax(1).tolist(), len(head.classes)))
+        loss += nn.functional.cross_entropy(head_logits, y_true).item() if known.any() else float("nan")
+    result = summaries[0]
+    result["loss"] = loss if len(targets) else float("nan")
+    result["heads"] = {head.name: summary for head, summary in zip(heads.extra, summaries[1:])}
     result["failures"] = failures
     return result

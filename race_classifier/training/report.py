@@ -18,8 +18,14 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
 
 
+HEAD_TITLES = {"gender": "Gender", "age": "Age group"}
+
+
 def epoch_row(epoch: int, train_loss: float, train_acc: float | None, val: dict, classes: list[str],
-              lr: float, epoch_time: float, skipped: int) -> dict:
+              lr: float, epoch_time: float, skipped: int, heads=None, train_head_acc: dict | None = None) -> dict:
+    """``heads``: the HeadLayout when the model has heads besides race; their figures get columns
+    ``train_<head>_accuracy``, ``val_<head>_accuracy``, ``val_<head>_balanced_accuracy`` and
+    ``val_<head>_<class>_accuracy`` after the race columns."""
     present = [a for a in val["per_class_accuracy"] if a is not None]
     row = {
         "epoch": epoch,
@@ -32,11 +38,18 @@ def epoch_row(epoch: int, train_loss: float, train_acc: float | None, val: dict,
     }
     for name, acc in zip(classes, val["per_class_accuracy"]):
         row[class_key(name)] = acc
+    for head in heads.extra if heads is not None else ():
+        summary = val["heads"][head.name]
+        row[f"train_{head.name}_accuracy"] = (train_head_acc or {}).get(head.name)
+        row[f"val_{head.name}_accuracy"] = summary["accuracy"]
+        row[f"val_{head.name}_balanced_accuracy"] = summary["balanced_accuracy"]
+        for name, acc in zip(head.classes, summary["per_class_accuracy"]):
+            row[f"val_{head.name}_{class_key(name)}"] = acc
     row.update({"lr": lr, "epoch_time_s": epoch_time, "skipped_images": skipped})
     return row
 
 
-def format_epoch(row: dict, num_epochs: int, classes: list[str]) -> str:
+def format_epoch(row: dict, num_epochs: int, classes: list[str], heads=None) -> str:
     lines = [
         f"Epoch {row['epoch']}/{num_epochs} | Train Loss: {row['train_loss']:.4f}, "
         f"Train Accuracy: {_pct(row['train_accuracy'])} | Val Loss: {row['val_loss']:.4f}, "
@@ -46,6 +59,12 @@ def format_epoch(row: dict, num_epochs: int, classes: list[str]) -> str:
     for name in classes:
         acc = row[class_key(name)]
         lines.append(f" - {class_key(name)}: {_pct(acc)}" + (" (no validation images)" if acc is None else ""))
+    for head in heads.extra if heads is not None else ():
+        lines.append(f"{HEAD_TITLES.get(head.name, head.name)}: Train Accuracy: "
+                     f"{_pct(row[f'train_{head.name}_accuracy'])} | Val Accuracy: {_pct(row[f'val_{head.name}_accuracy'])}")
+        for name in head.classes:
+            acc = row[f"val_{head.name}_{class_key(name)}"]
+            lines.append(f" - {class_key(name)}: {_pct(acc)}" + (" (no validation images)" if acc is None else ""))
     return "\n".join(lines)
 
 

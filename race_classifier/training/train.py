@@ -33,12 +33,13 @@ from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
 from race_classifier.data.manifest import read_manifest
 from race_classifier.data.sampler import EpochSampler, class_balanced_weights, group_balanced_weights
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augmentation, Preprocessing, build_transform
+from race_classifier.heads import AgeBins, HeadLayout, gender_classes, targets_tensor
 from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
 from race_classifier.models.checkpoint import load_checkpoint, save_checkpoint
 from race_classifier.models.factory import create_model
 from race_classifier.training import config
 from race_classifier.training.distributed import World, init_from_env, teardown
-from race_classifier.training.engine import EpochProgress, evaluate, train_one_epoch
+from race_classifier.training.engine import EpochProgress, MultiHeadLoss, evaluate, train_one_epoch
 from race_classifier.training.report import append_csv_row, epoch_row, format_epoch, rewrite_csv
 from race_classifier.training.rng import get_rng_state, seed_everything, seed_worker, set_rng_state
 from race_classifier.utils import atomic_write_text
@@ -57,8 +58,12 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or spec == "off":
+    if spec == "off" or (device.type != "cuda" and spec == "auto"):
         return None
+    if device.type != "cuda":
+        if spec == "fp16":
+            raise TrainingError("--amp fp16 needs CUDA (fp16 without a loss scaler underflows); use bf16 on CPU")
+        return torch.bfloat16
     if spec == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[spec]
@@ -78,6 +83,7 @@ class Trainer:
         self.world = world
         self.device = device or resolve_device(args.device)
         self.amp_dtype = resolve_amp(args.amp, self.device)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.dir = Path(args.checkpoint_dir)
         self.last_path, self.best_path = self.dir / "last.pt", self.dir / "best.pt"
         self.skipped: dict[str, str] = {}  # path -> reason, over the whole run
@@ -88,13 +94,22 @@ class Trainer:
         if args.source_taxonomy or args.label_map:
             source = get_taxonomy(args.source_taxonomy) if args.source_taxonomy else self.taxonomy
             mapping = get_mapping(source, self.taxonomy, load_label_map(args.label_map) if args.label_map else None)
-        self.train_samples = read_manifest(args.train_txt, self.taxonomy, mapping)
-        self.val_samples = read_manifest(args.val_txt, self.taxonomy, mapping)
+        head_names = tuple(args.heads.split(","))
+        multi = head_names != ("race",)
+        self.train_samples = read_manifest(args.train_txt, self.taxonomy, mapping, keep_unlabelled=multi)
+        self.val_samples = read_manifest(args.val_txt, self.taxonomy, mapping, keep_unlabelled=multi)
+        self.heads = HeadLayout.build(self.classes, head_names,
+                                      gender_classes(s.gender for s in self.train_samples),
+                                      AgeBins.parse(args.age_bins) if "age" in head_names else None)
+        self.train_targets = targets_tensor(self.heads, self.train_samples, args.train_txt)
+        self.val_targets = targets_tensor(self.heads, self.val_samples, args.val_txt)
         self._warn_about_class_coverage()
 
         seed_everything(args.seed)
         pretrained = None if args.resume else args.pretrained
-        self.model = create_model(args.arch, self.taxonomy.num_classes, pretrained, args.drop_rate).to(self.device)
+        self.model = create_model(args.arch, self.heads.num_outputs, pretrained, args.drop_rate).to(self.device)
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.train_model = self.model  # what training calls: the model itself, or its DDP wrapper
         if world.distributed:
             self.train_model = nn.parallel.DistributedDataParallel(
@@ -118,9 +133,9 @@ class Trainer:
             if world.main:
                 world.barrier()
         self.train_set = FaceDataset(self.train_samples, build_transform(self.preprocessing, True, aug),
-                                     train_cache, draft_size=args.image_size)
+                                     train_cache, draft_size=args.image_size, targets=self.train_targets)
         self.val_set = FaceDataset(self.val_samples, build_transform(self.preprocessing, False),
-                                   val_cache, draft_size=args.image_size)
+                                   val_cache, draft_size=args.image_size, targets=self.val_targets)
 
         self.sampler = EpochSampler(len(self.train_set), args.seed, rank=world.rank, world_size=world.size,
                                     weights=self._sampling_weights(self.train_set.labels))
@@ -138,15 +153,16 @@ class Trainer:
         labels = torch.tensor(self.train_set.labels)
         class_weights = None
         if args.balance == "loss":
-            counts = torch.bincount(labels, minlength=self.taxonomy.num_classes).float()
+            counts = torch.bincount(labels[labels >= 0], minlength=self.taxonomy.num_classes).float()
             class_weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
-        self.criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=args.label_smoothing).to(self.device)
+        self.criterion = MultiHeadLoss(list(self.heads.slices().values()), class_weights,
+                                       args.label_smoothing).to(self.device)
 
         self.val_loader = DataLoader(self.val_set, batch_size=args.batch_size, shuffle=False,
                                      num_workers=args.workers, collate_fn=collate_skipping_failures,
                                      pin_memory=self.device.type == "cuda")
         self.start_epoch, self.global_step, self.history = 0, 0, []
-        self.progress, self.elapsed = EpochProgress(), 0.0
+        self.progress, self.elapsed = EpochProgress.empty(len(self.heads.heads)), 0.0
 
     def _sampling_weights(self, labels: list[int]) -> torch.Tensor | None:
         """Per-sample draw weights for --balance sampler (classes) or group (race x gender cells)."""
@@ -162,7 +178,8 @@ class Trainer:
 
     def _warn_about_class_coverage(self) -> None:
         for name, samples in (("training", self.train_samples), ("validation", self.val_samples)):
-            counts = torch.bincount(torch.tensor([s.label for s in samples]), minlength=len(self.classes))
+            counts = torch.bincount(torch.tensor([s.label for s in samples if s.label >= 0], dtype=torch.long),
+                                    minlength=len(self.classes))
             empty = [c for c, n in zip(self.classes, counts.tolist()) if n == 0]
             if empty:
                 log.warning("no %s images for class(es) %s: their %s accuracy is reported as n/a",
@@ -176,7 +193,7 @@ class Trainer:
     def _save(self, path: Path, epoch: int, metrics: dict, resume: dict | None) -> None:
         save_checkpoint(path, model=self.model, arch=self.args.arch, taxonomy=self.taxonomy,
                         preprocessing=self.preprocessing, train_args=self._train_args(), epoch=epoch,
-                        metrics=metrics, history=self.history, resume=resume)
+                        metrics=metrics, history=self.history, resume=resume, heads=self.heads)
 
     def save_last(self, epoch: int, in_progress: bool) -> None:
         """``epoch`` is the number of the epoch to run next; ``in_progress`` saves a partial epoch."""
@@ -200,11 +217,13 @@ class Trainer:
         p = self.progress
         if not self.world.distributed:
             return p
-        loss_sum, correct, seen = self.world.all_sum(p.loss_sum, p.correct, p.seen)
+        n = len(p.correct)
+        sums = self.world.all_sum(p.loss_sum, p.seen, *p.correct, *p.labelled)
         failures = {}
         for part in self.world.all_gather(p.failures):
             failures.update(part)
-        return EpochProgress(p.batches, loss_sum, int(correct), int(seen), failures)
+        return EpochProgress(p.batches, sums[0], int(sums[1]), [int(x) for x in sums[2:2 + n]],
+                             [int(x) for x in sums[2 + n:]], failures)
 
     def prepare_run_dir(self) -> None:
         log_file = Path(self.args.log_file)
@@ -229,6 +248,10 @@ class Trainer:
         if ckpt["arch"] != self.args.arch or ckpt["taxonomy"]["classes"] != self.classes:
             raise TrainingError(f"{self.last_path} was trained as {ckpt['arch']} on {ckpt['taxonomy']['classes']}; "
                                 f"this run asks for {self.args.arch} on {self.classes}")
+        saved_heads = HeadLayout.from_dict(ckpt.get("heads"), self.classes)
+        if saved_heads != self.heads:
+            raise TrainingError(f"{self.last_path} has heads {saved_heads.to_dict()}; this run asks for "
+                                f"{self.heads.to_dict()} (--heads, --age_bins or the gender classes differ)")
         r = ckpt["resume"]
         if r["progress"] is not None and r.get("world_size", 1) != self.world.size:
             raise TrainingError(f"{self.last_path} stopped mid-epoch in a run of {r.get('world_size', 1)} "
@@ -242,7 +265,7 @@ class Trainer:
         if r["progress"] is not None:
             self.progress, self.elapsed = EpochProgress.from_dict(r["progress"]), r["elapsed"]
             if not self.world.main:  # the saved sums are all ranks' together: rank 0 carries them on
-                self.progress = EpochProgress(self.progress.batches)
+                self.progress = EpochProgress.empty(len(self.heads.heads), self.progress.batches)
         # The log becomes exactly the epochs the checkpoint knows: no duplicates, none lost.
         if self.world.main:
             rewrite_csv(self.args.log_file, self.history)
@@ -307,27 +330,30 @@ class Trainer:
             self.global_step = train_one_epoch(
                 self.train_model, self._train_loader(epoch), self.criterion, self.optimizer, self.scheduler,
                 self.scaler, self.device, self.amp_dtype, self.progress, self.global_step,
-                desc=f"epoch {epoch + 1}/{args.num_epochs}", on_step=on_step, show=self.world.main)
+                desc=f"epoch {epoch + 1}/{args.num_epochs}", on_step=on_step, show=self.world.main,
+                memory_format=self.memory_format)
             val = None
             if self.world.main:  # the unwrapped model: no collectives while the other ranks wait
-                val = evaluate(self.model, self.val_loader, self.device, self.amp_dtype, len(self.classes))
+                val = evaluate(self.model, self.val_loader, self.device, self.amp_dtype, self.heads,
+                               memory_format=self.memory_format)
             val = self.world.broadcast(val)
             p = self._epoch_progress()
             row = epoch_row(epoch + 1, p.loss_sum / p.seen if p.seen else float("nan"),
-                            p.correct / p.seen if p.seen else None, val, self.classes,
+                            p.accuracy(0), val, self.classes,
                             self.optimizer.param_groups[0]["lr"], self.elapsed_now(),
-                            len(p.failures) + len(val["failures"]))
+                            len(p.failures) + len(val["failures"]), heads=self.heads,
+                            train_head_acc={h.name: p.accuracy(i + 1) for i, h in enumerate(self.heads.extra)})
             self.history.append(row)
             # best before last: if killed in between, the resumed run redoes this epoch and both get written.
             if _better(row[best_metric], best, best_metric):
                 best = row[best_metric]
                 if self.world.main:
                     self._save(self.best_path, epoch + 1, row, resume=None)
-            self.progress, self.elapsed = EpochProgress(), 0.0
+            self.progress, self.elapsed = EpochProgress.empty(len(self.heads.heads)), 0.0
             self.save_last(epoch + 1, in_progress=False)
             if self.world.main:
                 append_csv_row(args.log_file, row)
-            print(format_epoch(row, args.num_epochs, self.classes), flush=True)
+            print(format_epoch(row, args.num_epochs, self.classes, self.heads), flush=True)
             self._report_skipped(p.failures, self.train_samples, epoch + 1)
             self._report_skipped(val["failures"], self.val_samples, epoch + 1)
         if args.patience and self._epochs_since_best(best_metric) >= args.patience:
