@@ -3,19 +3,30 @@
 recipe's validation manifest, print one table (and optionally write it as JSON).
 
     python bench/accuracy.py --config configs/fairface_seed5.yaml [--variants none,sampler,group] [--tta]
-        [--json out.json] [--model_path existing.pt]
+        [--json out.json] [--model_path [NAME=]existing.pt ...] [--last_layer none,sampler,group]
+        [--eval_taxonomy seed5] [--heads race,gender,age]
         [--max_train_images N --max_val_images M --num_epochs E --image_size S]   # a quick run
 
 Variants are ``--balance`` modes (none, sampler, loss, group): the debiasing comparison of class- and
 race x gender group-balanced sampling. Each trains with the config into ``<out_dir>/<variant>``; a run
 that finished there (best.pt calibrated) is reused, an interrupted one resumed (``--retrain`` starts
-afresh). ``--model_path`` evaluates one given checkpoint instead (a single variant, no training).
+afresh). ``--model_path`` (repeatable, ``NAME=PATH`` names the row) evaluates given checkpoints instead,
+e.g. a race-only and a multi-task model trained on the same split. ``--heads`` trains the variants with
+gender/age heads too.
+
+``--last_layer``: for each model, also refit its race layer on frozen features with these balance modes
+(``race-classifier rebalance``; one feature pass, minutes on a CPU) and evaluate each refit: the debiasing
+comparison without a training run per mode. ``none`` is the unweighted refit, the control.
+
+``--eval_taxonomy``: evaluate in another label set than the model's, labels and probabilities mapped by
+the taxonomy tables (a fairface7 model scored as seed5: East/Southeast Asian -> Asian, Middle Eastern ->
+White).
 
 Columns: accuracy with its 95% bootstrap CI, balanced accuracy, worst class, worst race x gender group
 (groups of >= 10 faces), ECE of the raw softmax -> after the checkpoint's temperature (as fitted at the
-end of training), and accuracy on the 95% most confident faces. ``--tta`` adds a row per variant with
-horizontal-flip test-time augmentation (its ECE is the one measured here: the raw softmax of averaged
-probabilities does not exist, so "before" is n/a).
+end of training), and accuracy on the 95% most confident faces; for models with gender/age heads, each
+head's accuracy. ``--tta`` adds a row per variant with horizontal-flip test-time augmentation (its ECE is
+the one measured here: the raw softmax of averaged probabilities does not exist, so "before" is n/a).
 
 The validation set also picks the best epoch and fits the temperature, so these figures are slightly
 optimistic for new data; the comparison between variants is like for like.
@@ -60,8 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="a training recipe (configs/*.yaml) naming train_txt/val_txt")
     p.add_argument("--variants", help="comma-separated --balance modes to train and compare "
                    f"({', '.join(config.BALANCE_MODES)}; default {','.join(DEFAULT_VARIANTS)})")
-    p.add_argument("--model_path", help="evaluate this checkpoint instead of training; its row is named by "
-                   "--variants if given, else by the checkpoint's --balance")
+    p.add_argument("--model_path", action="append", help="evaluate this checkpoint instead of training "
+                   "(repeatable; NAME=PATH names its row, else --variants' single name or the checkpoint's --balance)")
+    p.add_argument("--last_layer", help="comma-separated balance modes (none, sampler, group) of last-layer "
+                   "refits of each model, evaluated next to it")
+    p.add_argument("--eval_taxonomy", help="evaluate in this taxonomy (labels and predictions mapped)")
+    p.add_argument("--heads", help="train the variants with these heads (e.g. race,gender,age)")
     p.add_argument("--tta", action="store_true", help="also evaluate with horizontal-flip test-time augmentation")
     p.add_argument("--json", help="write the table (and each variant's full evaluation) here")
     p.add_argument("--out_dir", help="run folders go to <out_dir>/<variant> (default runs/accuracy/<config name>"
@@ -76,9 +91,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="DataLoader workers (default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets and the bootstrap")
     args = p.parse_args(argv)
+    args.last_layer = [v.strip() for v in (args.last_layer or "").split(",") if v.strip()]
+    from race_classifier.training.rebalance import BALANCES
+    if set(args.last_layer) - set(BALANCES):
+        p.error(f"--last_layer: choose from {', '.join(BALANCES)}")
     if args.model_path:
         if args.variants and "," in args.variants:
-            p.error("--model_path evaluates one checkpoint: give at most one --variants name (its label)")
+            p.error("--model_path evaluates given checkpoints: give at most one --variants name (its label)")
         return args
     args.variants = [v.strip() for v in (args.variants or ",".join(DEFAULT_VARIANTS)).split(",") if v.strip()]
     bad = sorted(set(args.variants) - set(config.BALANCE_MODES))
@@ -111,7 +130,8 @@ def subset_manifest(src: str, n: int, out: Path, seed: int) -> Path:
 
 def quick_suffix(args) -> str:
     short = {"max_train_images": "n", "max_val_images": "v", "num_epochs": "e", "image_size": "s"}
-    return "".join(f"-{short[k]}{getattr(args, k)}" for k in QUICK_OPTIONS if getattr(args, k) is not None)
+    heads = f"-{args.heads.replace(',', '+')}" if args.heads and args.heads != "race" else ""
+    return heads + "".join(f"-{short[k]}{getattr(args, k)}" for k in QUICK_OPTIONS if getattr(args, k) is not None)
 
 
 def evaluation_manifest(args, recipe: argparse.Namespace, out_dir: Path) -> str:
@@ -128,7 +148,7 @@ def training_options(args, recipe: argparse.Namespace, out_dir: Path, val_txt: s
     if args.max_train_images:
         opts += ["--train_txt", str(subset_manifest(recipe.train_txt, args.max_train_images,
                                                     out_dir / "train_subset.txt", args.seed))]
-    for name in ("num_epochs", "image_size", "workers"):
+    for name in ("num_epochs", "image_size", "workers", "heads"):
         if getattr(args, name) is not None:
             opts += [f"--{name}", str(getattr(args, name))]
     return opts
@@ -193,13 +213,40 @@ def benchmark_row(variant: str, tta: bool, evaluation: dict, table, calibration:
     }
 
 
+def head_accuracies(predictor, samples, batch_size: int, workers: int, tta: bool) -> dict[str, float | None]:
+    """Accuracy of each gender/age head over the samples labelled for it (the manifest's columns)."""
+    if not predictor.heads.extra:
+        return {}
+    import torch
+    from torch.utils.data import DataLoader
+
+    from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
+    from race_classifier.data.transforms import build_transform
+    from race_classifier.heads import targets_tensor
+    targets = targets_tensor(predictor.heads, samples)
+    dataset = FaceDataset(samples, build_transform(predictor.preprocessing, train=False), targets=targets,
+                          draft_size=predictor.preprocessing.image_size)
+    correct = {h.name: [0, 0] for h in predictor.heads.extra}
+    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_failures):
+        if batch["images"] is None:
+            continue
+        probs = predictor.predict_heads(batch["images"], tta=tta)
+        for i, head in enumerate(predictor.heads.heads[1:], start=1):
+            known = batch["targets"][:, i] >= 0
+            pred = torch.as_tensor(probs[head.name]).argmax(1)
+            correct[head.name][0] += int((pred[known] == batch["targets"][known, i]).sum())
+            correct[head.name][1] += int(known.sum())
+    return {name: (c / n if n else None) for name, (c, n) in correct.items()}
+
+
 def evaluate_variant(variant: str, checkpoint: Path, recipe, val_txt: str, args) -> tuple[list[dict], dict]:
     """Rows (plain, and with TTA if asked) and the full evaluations, keyed 'plain' / 'tta'."""
     predictor = load_predictor(checkpoint)
-    taxonomy = predictor.taxonomy
+    model_taxonomy = predictor.taxonomy
+    taxonomy = get_taxonomy(args.eval_taxonomy) if args.eval_taxonomy else model_taxonomy
+    source = get_taxonomy(recipe.source_taxonomy) if recipe.source_taxonomy else model_taxonomy
     mapping = None
-    if recipe.source_taxonomy or recipe.label_map:
-        source = get_taxonomy(recipe.source_taxonomy) if recipe.source_taxonomy else taxonomy
+    if recipe.label_map or source.classes != taxonomy.classes:
         mapping = get_mapping(source, taxonomy, load_label_map(recipe.label_map) if recipe.label_map else None)
     samples = load_eval_samples(taxonomy, val_txt=val_txt, mapping=mapping)
     classes = list(taxonomy.classes)
@@ -210,9 +257,37 @@ def evaluate_variant(variant: str, checkpoint: Path, recipe, val_txt: str, args)
         table = predict_samples(predictor, samples, taxonomy, recipe.batch_size, workers,
                                 desc=f"{variant}{' +TTA' if tta else ''}")
         evaluation = evaluate_predictions(table, classes, n_boot=args.n_boot, seed=args.seed)
-        rows.append(benchmark_row(variant, tta, evaluation, table, predictor.calibration))
+        row = benchmark_row(variant, tta, evaluation, table, predictor.calibration)
+        if predictor.heads.extra:  # gender/age truth is independent of the race taxonomy: the model's samples
+            head_samples = load_eval_samples(model_taxonomy, val_txt=val_txt)
+            row["heads"] = head_accuracies(predictor, head_samples, recipe.batch_size, workers, tta)
+        rows.append(row)
         evaluations["tta" if tta else "plain"] = evaluation
     return rows, evaluations
+
+
+def last_layer_refits(variant: str, checkpoint: Path, recipe, balances: list[str], workers: int) -> list[tuple[str, Path]]:
+    """(row name, checkpoint) of each last-layer refit of ``checkpoint``, made beside it (reused if there)."""
+    from race_classifier.data.manifest import read_manifest
+    from race_classifier.models.checkpoint import load_model
+    from race_classifier.training.finalize import finalize_run
+    from race_classifier.training.rebalance import extract_features, rebalance
+    from race_classifier.utils import atomic_torch_save
+    loaded = load_model(checkpoint)
+    train = read_manifest(recipe.train_txt, loaded.taxonomy)
+    val = read_manifest(recipe.val_txt, loaded.taxonomy)
+    features, out = None, []
+    for balance in balances:
+        path = checkpoint.parent / f"last_layer_{balance}" / "best.pt"
+        if not (path.is_file() and "calibration" in load_checkpoint(path)):
+            if features is None:
+                features = extract_features(loaded.model, train, loaded.preprocessing, recipe.batch_size, workers)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(rebalance(checkpoint, train, balance, features=features), path)
+            finalize_run(path, val, val_txt=recipe.val_txt, train_samples=train, train_txt=recipe.train_txt,
+                         batch_size=recipe.batch_size, workers=workers)
+        out.append((f"{variant}+last-layer {balance}", path))
+    return out
 
 
 # --- output ----------------------------------------------------------------------------------------------------
@@ -222,12 +297,14 @@ def _named(entry: dict | None) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
+    heads = list(dict.fromkeys(h for r in rows for h in r.get("heads") or {}))
     header = ["variant", "TTA", "accuracy [95% CI]", "bal. acc.", "worst class", "worst race × gender",
-              "ECE raw -> cal", "acc@95% cov."]
+              "ECE raw -> cal", "acc@95% cov.", *[f"{h} acc." for h in heads]]
     body = [[r["variant"], "flip" if r["tta"] else "-", fmt_ci(r["accuracy"], 2),
              fmt_pct(r["balanced_accuracy"]["value"], 2), _named(r["worst_class"]), _named(r["worst_group"]),
              f"{fmt_num(r['ece_before'], 4)} -> {fmt_num(r['ece_after'], 4)}",
-             fmt_pct(r["accuracy_at_95_coverage"], 2)] for r in rows]
+             fmt_pct(r["accuracy_at_95_coverage"], 2),
+             *[fmt_pct((r.get("heads") or {}).get(h), 2) for h in heads]] for r in rows]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
     fmt = lambda line: "  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])
@@ -247,25 +324,36 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, details = [], {}
     if args.model_path:
-        checkpoint = Path(args.model_path)
-        label = args.variants or (load_checkpoint(checkpoint).get("train_args") or {}).get("balance") or "model"
-        plan = [(label, checkpoint)]
+        plan = []
+        for given in args.model_path:
+            name, sep, path = given.rpartition("=")
+            checkpoint = Path(path)
+            label = name if sep else (args.variants or (load_checkpoint(checkpoint).get("train_args") or {})
+                                      .get("balance") or "model")
+            plan.append((label, checkpoint))
     else:
         options = training_options(args, recipe, out_dir, val_txt)
         plan = [(v, None) for v in args.variants]
+    workers = recipe.workers if args.workers is None else args.workers
     for variant, checkpoint in plan:
         if checkpoint is None:
             checkpoint = train_variant(args.config, variant, out_dir / variant, options, args.retrain)
-        variant_rows, evaluations = evaluate_variant(variant, checkpoint, recipe, val_txt, args)
-        rows += variant_rows
-        details[variant] = {"checkpoint": str(checkpoint), "evaluation": evaluations}
+        runs = [(variant, checkpoint)]
+        if args.last_layer:
+            runs += last_layer_refits(variant, checkpoint, recipe, args.last_layer, workers)
+        for name, path in runs:
+            variant_rows, evaluations = evaluate_variant(name, path, recipe, val_txt, args)
+            rows += variant_rows
+            details[name] = {"checkpoint": str(path), "evaluation": evaluations}
 
     quick = {k: getattr(args, k) for k in QUICK_OPTIONS if getattr(args, k) is not None}
-    title = f"Accuracy benchmark: {args.config} on {val_txt}" + (f" (QUICK RUN {quick}: not the recipe's figures)"
+    title = f"Accuracy benchmark: {args.config} on {val_txt}" + (
+        f" as {args.eval_taxonomy}" if args.eval_taxonomy else "") + (f" (QUICK RUN {quick}: not the recipe's figures)"
                                                                   if quick else "")
     print(f"\n{title}\n{format_table(rows)}")
     if args.json:
-        result = {"config": args.config, "val_txt": val_txt, "quick": quick, "n_boot": args.n_boot,
+        result = {"config": args.config, "val_txt": val_txt, "eval_taxonomy": args.eval_taxonomy,
+                  "quick": quick, "n_boot": args.n_boot,
                   "columns": list(COLUMNS), "rows": rows, "variants": details}
         atomic_write_text(args.json, json.dumps(result, indent=1, default=_json_default) + "\n")
         print(f"wrote {args.json}")

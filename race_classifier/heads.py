@@ -14,6 +14,10 @@ A range is put in the group holding most of its whole years; a tie, or an open r
 reaches past a group edge, leaves the age unlabelled (the sample then trains no age head). With the
 default groups, FairFace's ``10-19`` becomes Teen (7 of its 10 years), so 10-12-year-olds are counted as
 teens: a caveat every model card repeats.
+
+A model whose age head has no bins names its classes by the ranges they cover (FairFace's release model:
+``0-2`` ... ``70+``); ``class_map`` sums such classes into another model's age groups by the same rule, so
+two models' age heads can be scored and compared in one set of groups.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ DEFAULT_AGE_BINS = "Child:0,Teen:13,Adult:20,Senior:60"
 UNKNOWN_VALUES = {"", "-", "?", "unknown", "na", "n/a", "none", "null"}
 _GENDER_SYNONYMS = {"male": "Male", "m": "Male", "man": "Male", "female": "Female", "f": "Female",
                     "woman": "Female"}
+FAIRFACE_GENDERS = ("Male", "Female")
+FAIRFACE_AGE_RANGES = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+")
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 _OPEN = re.compile(r"^(?:more than\s*|over\s*|>\s*)?(\d+)\s*\+?$")
 
@@ -64,6 +70,11 @@ class AgeBins:
         """['Child (0-12)', ..., 'Senior (60+)']"""
         ends = [b - 1 for b in self.lower[1:]] + [None]
         return [f"{n} ({a}+)" if e is None else f"{n} ({a}-{e})" for n, a, e in zip(self.names, self.lower, ends)]
+
+    def spans(self) -> list[str]:
+        """The years each group covers, as ``index`` reads them: ['0-12', '13-19', '20-59', '60+']."""
+        ends = [b - 1 for b in self.lower[1:]] + [None]
+        return [f"{a}+" if e is None else f"{a}-{e}" for a, e in zip(self.lower, ends)]
 
     def of_age(self, years: float) -> int:
         return int(np.searchsorted(self.lower, years, side="right") - 1)
@@ -201,6 +212,40 @@ class HeadLayout:
         if heads[0].name != "race" or list(heads[0].classes) != list(race_classes):
             raise HeadError("head layout does not start with the race head of the model's taxonomy")
         return cls(heads, AgeBins.parse(d["age_bins"]) if d.get("age_bins") else None)
+
+
+def age_spans(layout: HeadLayout) -> list[str]:
+    """The ages each class of ``layout``'s age head covers: its bins' spans, or (a head without bins, such as
+    FairFace's) the class names, which are then ranges."""
+    head = layout.get("age")
+    return layout.age_bins.spans() if layout.age_bins else list(head.classes)
+
+
+def class_map(source: HeadLayout, target: HeadLayout, name: str) -> np.ndarray | None:
+    """(source classes, target classes) 0/1 matrix: ``probs @ M`` puts ``source``'s ``name`` head into
+    ``target``'s classes. Gender: by class name. Age: each source class's span goes to the target group
+    ``AgeBins.index`` gives it (a span with no single group, such as ``10-19`` against ``Young:0,Old:15``, or
+    an open ``70+`` reaching past a group edge, maps nowhere: its probability is dropped). None when the two
+    heads share no class (nothing to compare)."""
+    s_head, t_head = source.get(name), target.get(name)
+    if s_head is None or t_head is None:
+        return None
+    matrix = np.zeros((len(s_head.classes), len(t_head.classes)))
+    if name == "age":
+        if target.age_bins is None:
+            raise HeadError("the target layout's age head needs age bins")
+        for i, span in enumerate(age_spans(source)):
+            try:
+                j = target.age_bins.index(span)
+            except HeadError:
+                j = None
+            if j is not None:
+                matrix[i, j] = 1.0
+    else:
+        for i, c in enumerate(s_head.classes):
+            if c in t_head.classes:
+                matrix[i, t_head.classes.index(c)] = 1.0
+    return matrix if matrix.any() else None
 
 
 def targets_tensor(layout: HeadLayout, samples, source: str = "manifest") -> torch.Tensor:

@@ -69,3 +69,45 @@ def trained_checkpoints(manifests, tmp_path_factory) -> tuple[Path, Path]:
         assert train_main(train_args(manifests, run, "--num_epochs", str(epochs), "--learning_rate", "0.003")) == 0
         paths.append(run / "best.pt")
     return tuple(paths)
+
+
+# --- a multi-task model (race, gender, age group), shared by the evaluation and calibration tests of heads ---
+
+def with_gender_and_age(src: Path, dst: Path, drop_race_every: int = 0) -> None:
+    """Copy a synthetic manifest adding a gender (from the pattern, so it is learnable) and a FairFace-style
+    age range (one per pattern: Child, Teen, Adult, Senior); every few lines lose a label."""
+    from race_classifier.data.synthetic import PATTERNS
+    lines = []
+    for i, line in enumerate(l for l in src.read_text().splitlines() if l and not l.startswith("#")):
+        path, label = line.split("\t")[:2]
+        gender = "Male" if PATTERNS.index(label) % 2 == 0 else "Female"
+        age = ["3-9", "10-19", "20-29", "more than 70"][PATTERNS.index(label)]
+        if i % 5 == 1:
+            age = ""
+        if i % 7 == 2:
+            gender = ""
+        if drop_race_every and i % drop_race_every == 3:
+            label = "-"
+        lines.append(f"{path}\t{label}\t{gender}\t{age}")
+    dst.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="session")
+def multitask_manifests(manifests, tmp_path_factory) -> Path:
+    """The synthetic manifests with gender and age columns; some validation images have no race label
+    ('-'), some no gender, some no age."""
+    out = tmp_path_factory.mktemp("multitask_data")
+    with_gender_and_age(manifests / "train.txt", out / "train.txt", drop_race_every=6)
+    with_gender_and_age(manifests / "val.txt", out / "val.txt", drop_race_every=6)
+    (out / "classes.txt").write_text((manifests / "classes.txt").read_text())
+    return out
+
+
+@pytest.fixture(scope="session")
+def multitask_checkpoint(multitask_manifests, tmp_path_factory) -> Path:
+    """best.pt of a small model trained with --heads race,gender,age (calibrated, with its MODEL_CARD.md)."""
+    from race_classifier.training.train import main as train_main
+    run = tmp_path_factory.mktemp("multitask_model")
+    assert train_main(train_args(multitask_manifests, run, "--num_epochs", "3", "--learning_rate", "0.003",
+                                 "--heads", "race,gender,age")) == 0
+    return run / "best.pt"

@@ -53,3 +53,38 @@ def test_bench_without_manifests_prints_the_prepare_command(bench, manifests, tm
     assert bench.main(["--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "race-classifier prepare fairface ../shared/data/fairface --out" in err and "--taxonomy seed5" in err
+
+
+def test_bench_compares_given_models_with_heads_refits_and_another_taxonomy(bench, manifests, tmp_path, capsys):
+    """Race-only next to multi-task (with its head accuracies), last-layer refits beside each, and a
+    re-ordered taxonomy that must score exactly the same."""
+    from race_classifier.training.train import main as train_main
+    from conftest import train_args
+    from test_heads import _with_gender_and_age
+    data = tmp_path / "mt"
+    data.mkdir()
+    for name in ("train.txt", "val.txt"):
+        _with_gender_and_age(manifests / name, data / name)
+    (data / "classes.txt").write_text((manifests / "classes.txt").read_text())
+    race_only, multitask = tmp_path / "race", tmp_path / "multi"
+    assert train_main(train_args(data, race_only, "--num_epochs", "1")) == 0
+    assert train_main(train_args(data, multitask, "--num_epochs", "1", "--heads", "race,gender,age")) == 0
+    recipe = _recipe(tmp_path, data, taxonomy=str(data / "classes.txt"))
+    out = tmp_path / "bench.json"
+    argv = ["--config", str(recipe), "--n_boot", "20", "--model_path", f"race_only={race_only / 'best.pt'}",
+            "--model_path", f"multitask={multitask / 'best.pt'}"]
+    assert bench.main([*argv, "--last_layer", "none,group", "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["race_only", "race_only+last-layer none", "race_only+last-layer group",
+                          "multitask", "multitask+last-layer none", "multitask+last-layer group"]
+    assert "heads" not in rows["race_only"]
+    assert set(rows["multitask"]["heads"]) == {"gender", "age"}
+    assert all(0 <= v <= 1 for v in rows["multitask"]["heads"].values())
+    assert (multitask / "last_layer_group" / "MODEL_CARD.md").is_file()
+    assert "gender acc." in capsys.readouterr().out
+    # Scoring in the same classes listed in another order changes nothing.
+    reordered = ",".join(reversed((data / "classes.txt").read_text().split()))
+    out2 = tmp_path / "bench2.json"
+    assert bench.main([*argv[:4], "--eval_taxonomy", reordered, "--json", str(out2)]) == 0
+    again = json.loads(out2.read_text())["rows"][0]
+    assert again["accuracy"]["value"] == rows["race_only"]["accuracy"]["value"]

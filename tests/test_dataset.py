@@ -116,14 +116,14 @@ def test_cache_build_then_reuse(tmp_path):
     cache = ImageCache.build_or_load(samples, SIZE, cache_dir, workers=2)
     assert len(cache) == 20
     assert set(cache.errors) == {7}
-    files = sorted(p.name for p in cache_dir.iterdir())
-    assert len(files) == 2 and {Path(f).suffix for f in files} == {".npy", ".json"}  # no temporary left
-    stamps = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+    files = sorted(p.name for p in cache.root.iterdir())
+    assert files == ["index.json", "shard-00000.npy"]  # one shard set, no temporary left
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.root.iterdir()}
 
     again = ImageCache.build_or_load(samples, SIZE, cache_dir, workers=2)
-    assert again.array_path == cache.array_path
+    assert again.root == cache.root
     assert again.errors == cache.errors
-    assert {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == stamps  # not rebuilt
+    assert {p.name: p.stat().st_mtime_ns for p in cache.root.iterdir()} == stamps  # not rebuilt
 
     for i in (0, 8, 19):
         expected = np.asarray(resize_square(load_rgb(samples[i].path), SIZE))
@@ -143,10 +143,10 @@ def test_cache_rebuilt_when_an_image_changes(tmp_path):
     first = ImageCache.build_or_load(samples, SIZE, cache_dir, workers=0)
     Image.new("RGB", (50, 50), (9, 9, 9)).save(samples[0].path)  # different size on disk
     second = ImageCache.build_or_load(samples, SIZE, cache_dir, workers=0)
-    assert second.array_path != first.array_path
+    assert second.root != first.root
     assert np.all(np.asarray(second.get(0)) == 9)
     other_size = ImageCache.build_or_load(samples, SIZE + 2, cache_dir, workers=0)
-    assert other_size.array_path not in (first.array_path, second.array_path)
+    assert other_size.root not in (first.root, second.root)
     assert other_size.get(1).size == (SIZE + 2, SIZE + 2)
 
 
@@ -154,12 +154,12 @@ def test_cache_pickles_without_its_memmap(tmp_path):
     samples = make_images(tmp_path / "imgs", count=5, bad=1)
     cache = ImageCache.build_or_load(samples, SIZE, tmp_path / "cache", workers=0)
     first = np.asarray(cache.get(0))
-    assert cache._array is not None  # opened by get()
+    assert cache._maps  # opened by get()
     data = pickle.dumps(cache)
-    assert len(data) < cache.array_path.stat().st_size  # the pixels did not travel
+    assert len(data) < (cache.root / cache.shards[0]).stat().st_size  # the pixels did not travel
     clone = pickle.loads(data)
-    assert clone._array is None
-    assert cache._array is not None  # pickling did not close the original's map
+    assert not clone._maps
+    assert cache._maps  # pickling did not close the original's map
     np.testing.assert_array_equal(np.asarray(clone.get(0)), first)
     assert clone.errors == cache.errors
 

@@ -34,7 +34,7 @@ class FaceDataset(Dataset):
         return [s.label for s in self.samples]
 
     def load_image(self, index: int):
-        if self.cache is not None:
+        if self.cache is not None and self.cache.covers(index):
             return self.cache.get(index)
         return load_rgb(self.samples[index].path, draft_size=self.draft_size)
 

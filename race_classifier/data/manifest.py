@@ -7,7 +7,8 @@ Format, as in the project's brief::
 * The label is a class name (or a synonym of one) or a class index of the taxonomy.
 * Paths may contain spaces: the label is the last whitespace-separated field.
 * Lines with a tab are split on tabs instead, which allows extra columns:
-  ``<path>\\t<label>\\t<gender>\\t<age>`` (written by ``prepare``; empty where unknown).
+  ``<path>\\t<label>\\t<gender>\\t<age>[\\t<source>]`` (written by ``prepare``; empty where unknown;
+  ``source`` names the dataset a line came from in a mix, ``prepare mix``).
 * Relative paths resolve against the manifest's own folder. Blank lines and ``#`` comments are ignored.
 
 Every problem is reported with the manifest's file name and line number.
@@ -22,7 +23,7 @@ from race_classifier.heads import UNKNOWN_VALUES
 from race_classifier.labels import LabelMapping, Taxonomy, UnknownLabelError
 from race_classifier.utils import atomic_write_text
 
-EXTRA_COLUMNS = ("gender", "age")
+EXTRA_COLUMNS = ("gender", "age", "source")
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +38,7 @@ class Sample:
     gender: str = ""
     age: str = ""
     line: int = 0  # line number in the manifest, for messages
+    source: str = ""  # the dataset of a mix this image came from ('' outside mixes)
 
 
 def parse_line(text: str) -> tuple[str, str, dict[str, str]] | None:
@@ -100,7 +102,8 @@ def read_manifest(path: str | Path, taxonomy: Taxonomy, mapping: LabelMapping | 
             if check_files and not image_path.is_file():
                 missing.append(f"{path}:{lineno}: {image_path}")
                 continue
-            samples.append(Sample(str(image_path), index, extras.get("gender", ""), extras.get("age", ""), lineno))
+            samples.append(Sample(str(image_path), index, extras.get("gender", ""), extras.get("age", ""), lineno,
+                                  extras.get("source", "")))
     if missing:
         # One missing file must not end a long run: report every one, by line, and go on without it.
         shown = "\n  ".join(missing[:20])
@@ -111,14 +114,33 @@ def read_manifest(path: str | Path, taxonomy: Taxonomy, mapping: LabelMapping | 
     return samples
 
 
-def format_sample(path: str, label: str, gender: str = "", age: str = "") -> str:
-    for value, what in ((path, "path"), (label, "label"), (gender, "gender"), (age, "age")):
+def manifest_image_paths(path: str | Path) -> list[str]:
+    """The image paths a manifest lists, resolved as ``read_manifest`` does, labels unread."""
+    path = Path(path)
+    base = path.resolve().parent
+    images = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, 1):
+            try:
+                parsed = parse_line(text)
+            except ManifestError as e:
+                raise ManifestError(f"{path}:{lineno}: {e}: {text.strip()!r}") from None
+            if parsed is not None:
+                image = Path(parsed[0]).expanduser()
+                images.append(str(image if image.is_absolute() else base / image))
+    return images
+
+
+def format_sample(path: str, label: str, gender: str = "", age: str = "", source: str = "") -> str:
+    for value, what in ((path, "path"), (label, "label"), (gender, "gender"), (age, "age"), (source, "source")):
         if "\t" in value or "\n" in value:
             raise ManifestError(f"{what} contains a tab or newline, which a manifest cannot hold: {value!r}")
-    return f"{path}\t{label}\t{gender}\t{age}\n"
+    # The source column only in mixes: other manifests keep their four columns.
+    return f"{path}\t{label}\t{gender}\t{age}" + (f"\t{source}" if source else "") + "\n"
 
 
-def write_manifest(path: str | Path, rows: list[tuple[str, str, str, str]]) -> None:
-    """Write (path, class name, gender, age) rows atomically, tab-separated with a header comment."""
-    text = "# path\tlabel\tgender\tage\n" + "".join(format_sample(*row) for row in rows)
-    atomic_write_text(path, text)
+def write_manifest(path: str | Path, rows: list[tuple[str, ...]]) -> None:
+    """Write (path, class name, gender, age[, source]) rows atomically, tab-separated with a header comment."""
+    with_source = any(len(row) > 4 and row[4] for row in rows)
+    header = "# path\tlabel\tgender\tage" + ("\tsource" if with_source else "") + "\n"
+    atomic_write_text(path, header + "".join(format_sample(*row) for row in rows))

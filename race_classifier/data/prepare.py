@@ -4,7 +4,8 @@ The source (a folder tree, FairFace's label CSV or UTKFace's files) is read by `
 are read in the source's taxonomy and mapped to the target taxonomy (``get_mapping``); classes
 the mapping drops are left out and counted. Validation images are split off by identity, so no person
 is on both sides, stratified by class and seeded. Outputs: ``train.txt``, ``val.txt`` (absolute path,
-class name, gender, age) and ``classes.txt``.
+class name, gender, age) and ``classes.txt``; ``mix`` combines several sources (``mix.py``), and
+``--shards`` also stores the images pre-resized for training (``shards.py``).
 
 The labels are perceived, socially constructed categories, not facts about a person.
 """
@@ -22,14 +23,17 @@ import numpy as np
 
 from race_classifier.labels import (DEFAULT_TAXONOMY, LabelMapping, Taxonomy, UnknownLabelError, get_mapping,
                                     get_taxonomy, load_label_map, write_class_file)
+from race_classifier.data.cache import IMAGES_PER_SHARD
 from race_classifier.data.manifest import write_manifest
+from race_classifier.data.mix import format_mix_summary, load_mix_config, prepare_mix
+from race_classifier.data.shards import build_prepared_shards, format_shard_summary, parse_sizes
 from race_classifier.data.sources import (FAIRFACE_TAXONOMY, FAIRFACE_VAL_CSV, UTKFACE_TAXONOMY, PrepareError,
                                           Record, _warn_list, count_loose_images, read_fairface_csv,
                                           resolve_fairface_source, scan_folder_tree, scan_utkface)
 
 log = logging.getLogger(__name__)
 
-KINDS = ("folder", "fairface", "utkface")
+KINDS = ("folder", "fairface", "utkface", "mix")
 
 
 # --------------------------------------------------------------------------------------------- split
@@ -126,8 +130,8 @@ def prepare(records: list[Record], out_dir: str | Path, source_taxonomy: Taxonom
                     "split" if val_records is None else "given", val_fraction, seed)
 
 
-def _row(record: Record) -> tuple[str, str, str, str]:
-    return record.path, record.label, record.gender, record.age
+def _row(record: Record) -> tuple[str, str, str, str, str]:
+    return record.path, record.label, record.gender, record.age, record.source
 
 
 def _require_images(records: list[Record], dropped: Counter, what: str) -> None:
@@ -214,8 +218,9 @@ def _source_lines(source: dict) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=KINDS, help="folder: root/<race>/<identity>/<image>; "
-                        "fairface: FairFace's label CSV or its folder; utkface: a folder of UTKFace images")
-    parser.add_argument("source", metavar="SOURCE", help="the folder tree, CSV or folder to read")
+                        "fairface: FairFace's label CSV or its folder; utkface: a folder of UTKFace images; "
+                        "mix: a YAML config of several sources (see race_classifier/data/mix.py)")
+    parser.add_argument("source", metavar="SOURCE", help="the folder tree, CSV, folder or mix config to read")
     parser.add_argument("--out", required=True, help="folder to write train.txt, val.txt and classes.txt to")
     parser.add_argument("--taxonomy", default=DEFAULT_TAXONOMY,
                         help="target taxonomy: a built-in name, a class file, or a comma-separated list "
@@ -230,22 +235,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val_csv", default=None,
                         help="fairface only: a label CSV to use as the validation set instead of a random "
                         f"split (default: {FAIRFACE_VAL_CSV} when SOURCE is a folder holding one)")
+    parser.add_argument("--shards", default=None, metavar="SIZES",
+                        help="also store the images pre-resized for training at these image sizes (e.g. 224 or "
+                        "112,224) as memory-mapped uint8 shards in OUT/shards/<size>/, which training reads")
+    parser.add_argument("--images_per_shard", type=int, default=IMAGES_PER_SHARD,
+                        help=f"images in each --shards file (default {IMAGES_PER_SHARD})")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="processes decoding images for --shards")
 
 
 def run(args: argparse.Namespace) -> int:
     """Carry out ``prepare`` for parsed arguments; prints the summary. Bad input raises PrepareError."""
     _check_kind_options(args)
-    target = get_taxonomy(args.taxonomy)
-    source = get_taxonomy(_source_taxonomy_spec(args))
-    overrides = _load_overrides(args.label_map, source, target)  # before a long scan, so a bad map fails fast
-    records, val_records, report = _read_source(args, source)
-    summary = prepare(records, args.out, source, target, overrides, args.val_fraction, args.seed, val_records)
-    summary["source"] = report
-    print(format_summary(summary))
+    sizes = parse_sizes(args.shards) if args.shards else []  # before a long scan, so a bad value fails fast
+    if args.images_per_shard < 1:
+        raise PrepareError("--images_per_shard must be at least 1")
+    if args.kind == "mix":
+        config = load_mix_config(args.source, args.taxonomy, args.val_fraction, args.seed)
+        print(format_mix_summary(prepare_mix(config, args.out)), flush=True)
+    else:
+        target = get_taxonomy(args.taxonomy)
+        source = get_taxonomy(_source_taxonomy_spec(args))
+        overrides = _load_overrides(args.label_map, source, target)  # before a long scan, so a bad map fails fast
+        records, val_records, report = _read_source(args, source)
+        summary = prepare(records, args.out, source, target, overrides, args.val_fraction, args.seed, val_records)
+        summary["source"] = report
+        print(format_summary(summary), flush=True)
+    # Manifests first, shards after: a prepare killed while storing leaves usable manifests and no shard index.
+    for shard_summary in build_prepared_shards(args.out, sizes, args.workers, args.images_per_shard):
+        print("\n".join(format_shard_summary(shard_summary)), flush=True)
     return 0
 
 
 def _check_kind_options(args: argparse.Namespace) -> None:
+    if args.kind == "mix" and (args.source_taxonomy or args.label_map):
+        raise PrepareError("mix: give each source's taxonomy and label_map in the mix config")
     if args.source_taxonomy is not None and args.kind != "folder":
         raise PrepareError(f"--source_taxonomy applies to folder trees only; {args.kind} labels are read as "
                            f"{FAIRFACE_TAXONOMY if args.kind == 'fairface' else UTKFACE_TAXONOMY}")

@@ -3,14 +3,15 @@ exactly the batches it had already trained on, and reruns are reproducible.
 
 Its optional per-sample weights come from ``class_balanced_weights`` (every class drawn equally,
 ``--balance sampler``) or ``group_balanced_weights`` (every race x gender cell drawn equally,
-``--balance group``).
+``--balance group``), and, in a mix of datasets, ``source_weighted`` (each source its share of the draws,
+the balance mode applied within each source).
 
 Distributed (``rank``/``world_size``), each rank takes ``order[rank::world_size]`` of the epoch's order, padded
 by repeating its head to a multiple of the world size (torch's DistributedSampler semantics): the ranks' shards
 are disjoint slots that together cover the whole order, and ``start`` counts positions in the rank's shard."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -40,6 +41,32 @@ def group_balanced_weights(labels: Sequence[int], groups: Sequence[str]) -> torc
     cell_ids = torch.tensor([index[c] for c in cells], dtype=torch.long)
     counts = torch.bincount(cell_ids, minlength=len(index)).double()
     return (1.0 / counts)[cell_ids]
+
+
+def source_weighted(sources: Sequence[str], shares: dict[str, float],
+                    within: Callable[[list[int]], torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Per-sample weights that give each source ``shares[source] / sum(shares)`` of the draws.
+
+    Inside a source, the draws follow ``within(indices of that source's samples)`` (a balance mode's weights
+    computed on that source alone, so its classes are balanced within it), or are uniform when it gives None.
+    Every source of ``sources`` must have a share; a share of 0 leaves that source out of training.
+    """
+    members: dict[str, list[int]] = {}
+    for i, name in enumerate(sources):
+        members.setdefault(name, []).append(i)
+    unknown = [n or "(no source)" for n in members if n not in shares]
+    if unknown:
+        raise ValueError(f"no sampling weight for source(s) {', '.join(unknown)} (weights given for "
+                         f"{', '.join(shares) or 'none'})")
+    total = sum(shares[n] for n in members)
+    if total <= 0:
+        raise ValueError("the sampling weights of the sources present add up to 0")
+    weights = torch.zeros(len(sources), dtype=torch.double)
+    for name, idx in members.items():
+        inner = within(idx) if within is not None else None
+        inner = torch.ones(len(idx), dtype=torch.double) if inner is None else inner.double()
+        weights[idx] = inner / inner.sum() * (shares[name] / total)
+    return weights
 
 
 class EpochSampler(Sampler[int]):

@@ -61,6 +61,7 @@ class Record:
     identity: str  # images of one identity never straddle the train/val split
     gender: str = ""
     age: str = ""
+    source: str = ""  # the dataset's name in a mix (``prepare mix``)
 
 
 def is_image(path: Path) -> bool:
@@ -313,3 +314,42 @@ def scan_utkface(folder: str | Path) -> tuple[list[Record], list[str]]:
         raise PrepareError(f"no file under {folder} is named like UTKFace's AGE_GENDER_RACE_DATETIME.jpg")
     return records, problems
 
+
+
+# ------------------------------------------------------------------------------------------ manifest
+
+def read_manifest_records(manifest: str | Path, taxonomy: Taxonomy | str) -> list[Record]:
+    """Records of an existing manifest, labels checked against ``taxonomy`` (not mapped). A manifest has no
+    identities, so each image is its own; gender and age columns are kept; missing images are skipped."""
+    from race_classifier.data.manifest import ManifestError, parse_line
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise PrepareError(f"manifest not found: {manifest}")
+    taxonomy = get_taxonomy(taxonomy)
+    base = manifest.resolve().parent
+    records: list[Record] = []
+    missing: list[str] = []
+    with open(manifest, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, 1):
+            try:
+                parsed = parse_line(text)
+            except ManifestError as e:
+                raise PrepareError(f"{manifest}:{lineno}: {e}") from None
+            if parsed is None:
+                continue
+            image, label, extras = parsed
+            try:
+                taxonomy.index(label)
+            except UnknownLabelError as e:
+                raise PrepareError(f"{manifest}:{lineno}: {e}") from None
+            path = os.path.abspath(base / Path(image).expanduser())
+            if not os.path.isfile(path):
+                missing.append(f"{manifest}:{lineno}: {path}")
+                continue
+            records.append(Record(path, label, identity=path, gender=extras.get("gender", ""),
+                                  age=extras.get("age", "")))
+    if missing:
+        _warn_list(f"skipping {len(missing)} image(s) listed in {manifest} that do not exist", missing)
+    if not records:
+        raise PrepareError(f"manifest {manifest} lists no usable images")
+    return records

@@ -5,11 +5,12 @@ both, so every figure compares the two models on exactly the same images. For ov
 balanced accuracy, each class's accuracy and each subgroup's accuracy we report A, B, A − B with a
 paired bootstrap CI (one set of resampled image indices applied to both models: the CI reflects the
 per-image pairing, which is much tighter than two independent CIs) and McNemar's exact test on the
-discordant images.
+discordant images. A gender or age head both tables scored (in the same classes: runner.scored_heads)
+is compared the same way, overall and per class, on the images labelled for it, under ``heads``.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,8 +19,10 @@ from scipy.stats import binomtest
 from race_classifier.evaluation.metrics import (
     balanced_rate,
     bootstrap_indices,
+    head_table,
     normalize_predictions,
     percentile_ci,
+    race_labelled,
     resample_weights,
     subgroup_masks,
     weighted_rate,
@@ -57,7 +60,10 @@ def pair_predictions(df_a: pd.DataFrame, df_b: pd.DataFrame, classes: Sequence[s
         "y_pred_a": kept["y_pred_a"], "y_pred_b": kept["y_pred_b"],
         "gender": kept["gender_a"].where(kept["gender_a"] != "", kept["gender_b"]),
         "age": kept["age_a"].where(kept["age_a"] != "", kept["age_b"]),
+        "age_group": kept["age_group_a"],  # the scored age groups: the evaluated model's (A's)
     })
+    if "age_y_true_a" in kept:
+        paired["age_y_true"] = kept["age_y_true_a"]  # orders the age groups
     return paired, counts
 
 
@@ -95,15 +101,29 @@ def _balanced_entry(y: np.ndarray, ca: np.ndarray, cb: np.ndarray, k: int,
 
 
 def compare_predictions(df_a: pd.DataFrame, df_b: pd.DataFrame, classes: Sequence[str], n_boot: int = 1000,
-                        seed: int = 0, alpha: float = 0.05, min_group_size: int = 10) -> dict:
+                        seed: int = 0, alpha: float = 0.05, min_group_size: int = 10,
+                        heads: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Candidate A against baseline B on the same images (JSON-serialisable).
 
     Returns {"n_common", "n_dropped", "n_only_a", "n_only_b", "alpha", "min_group_size",
-    "overall": [entry], "per_class": [entry], "subgroups": {dim: [entry]}}; each entry is
+    "overall": [entry], "per_class": [entry], "subgroups": {dim: [entry]}, "heads": {head: ...}}; each entry is
     {"name", "n", "a", "b", "diff", "ci_low", "ci_high", "p_mcnemar", "significant", "small_group"}.
     CIs are at level 1 − alpha. ``small_group`` flags subgroups with n < min_group_size: reported, but
     too small for their difference to be read as more than noise. No correction for multiple tests.
+    ``heads`` ({extra head: its classes}): each head both tables scored, with labelled images, gets a
+    comparison of its own (the same keys, no subgroups) under ``heads``.
     """
+    result = _compare(race_labelled(df_a), race_labelled(df_b), classes, n_boot, seed, alpha, min_group_size)
+    result["heads"] = {}
+    for name, head_classes in (heads or {}).items():
+        a, b = head_table(df_a, name), head_table(df_b, name)
+        if a is not None and b is not None and len(a) and len(b):
+            result["heads"][name] = _compare(a, b, head_classes, n_boot, seed, alpha, min_group_size)
+    return result
+
+
+def _compare(df_a: pd.DataFrame, df_b: pd.DataFrame, classes: Sequence[str], n_boot: int, seed: int,
+             alpha: float, min_group_size: int) -> dict:
     classes = list(classes)
     k = len(classes)
     paired, counts = pair_predictions(df_a, df_b, classes)

@@ -10,6 +10,9 @@ Two entry points:
 * ``summarize`` / ``per_class_accuracy``: the light figures training logs every epoch.
 * ``evaluate_predictions``: the evaluation report's figures from a predictions table (one row per
   image: ``path``, ``y_true``, ``y_pred``, ``confidence``, ``prob_<i>``, ``gender``, ``age``, ``error``).
+  Gender/age heads (``<head>_y_true``, ``<head>_y_pred``, ... columns, see runner.py) get the same figures
+  under ``heads``, each over the images labelled for that head (``head_table``); race accuracy is also
+  broken down by the model's age groups (``age_group``).
 
 Bootstrap: image indices are resampled once, as an ``(n_boot, n)`` array, and turned into a matrix of
 per-resample multiplicities ``W``; every statistic is a weighted rate computed from ``W`` (one matrix
@@ -18,7 +21,7 @@ product), so all CIs of one report come from the very same resamples.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,7 +31,7 @@ N_CALIBRATION_BINS = 15
 # FairFace's age ranges, in order; UTKFace's integer ages are binned into them.
 AGE_RANGES = ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70"]
 _AGE_UPPER = [2, 9, 19, 29, 39, 49, 59, 69]  # inclusive upper bound of each range but the last
-TEXT_COLUMNS = ("path", "gender", "age", "error")
+TEXT_COLUMNS = ("path", "gender", "age", "age_group", "error")
 
 
 # --------------------------------------------------------------------------- training-time summary
@@ -127,8 +130,33 @@ def probability_matrix(df: pd.DataFrame, num_classes: int) -> np.ndarray | None:
     return None if np.isnan(probs).any() else probs
 
 
+def head_table(df: pd.DataFrame, head: str) -> pd.DataFrame | None:
+    """One extra head's predictions as a table of its own (path, y_true, y_pred, confidence, prob_<k>,
+    error), over the images labelled for that head; None when ``df`` has no predictions for it."""
+    prefix = f"{head}_"
+    if prefix + "y_pred" not in df.columns:
+        return None
+    rows = df[pd.to_numeric(df[prefix + "y_true"]).astype(int) >= 0]
+    out = pd.DataFrame({"path": rows["path"], "y_true": rows[prefix + "y_true"], "y_pred": rows[prefix + "y_pred"],
+                        "confidence": rows[prefix + "confidence"]})
+    for column in df.columns:
+        if column.startswith(prefix + "prob_"):
+            out[column.removeprefix(prefix)] = rows[column]
+    if "error" in rows:
+        out["error"] = rows["error"]
+    return out.reset_index(drop=True)
+
+
+def race_labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows with a race label: images kept only for the other heads have y_true -1."""
+    if "y_true" not in df.columns:
+        return df  # normalize_predictions says what is missing
+    return df[pd.to_numeric(df["y_true"]).astype(int) >= 0].reset_index(drop=True)
+
+
 def subgroup_masks(df: pd.DataFrame, classes: Sequence[str]) -> dict[str, list[tuple[str, np.ndarray]]]:
-    """dimension -> [(group label, boolean row mask)] for 'gender', 'age', 'race_x_gender'.
+    """dimension -> [(group label, boolean row mask)] for 'gender', 'age' (FairFace's ranges), 'age_group'
+    (the model's own age groups, when it has an age head) and 'race_x_gender'.
 
     Only dimensions where some row has a value; rows with an empty value are left out of that dimension.
     """
@@ -143,6 +171,12 @@ def subgroup_masks(df: pd.DataFrame, classes: Sequence[str]) -> dict[str, list[t
     ages = sorted((str(a) for a in set(age) - {""}), key=_age_sort_key)
     if ages:
         dims["age"] = [(a, age == a) for a in ages]
+    group = df["age_group"].to_numpy(str) if "age_group" in df else np.full(n, "")
+    if (group != "").any():
+        # In the groups' own order (Child, Teen, ...), which the true class index of the age head gives.
+        order = df["age_y_true"].to_numpy(int) if "age_y_true" in df else np.zeros(n, int)
+        names = sorted(set(group) - {""}, key=lambda g: (order[group == g].min(), g))
+        dims["age_group"] = [(g, group == g) for g in names]
     if genders:
         # race = the (perceived) true class: how accurate the model is for, say, Black women.
         cells = [(f"{classes[c]} × {g}", (y == c) & (gender == g)) for c in range(len(classes)) for g in genders]
@@ -311,13 +345,31 @@ def _worst_class(per_class: list[dict]) -> dict | None:
 
 
 def evaluate_predictions(df: pd.DataFrame, classes: Sequence[str], n_boot: int = 1000, seed: int = 0,
-                         ci: float = 0.95, min_group_size: int = 10) -> dict:
+                         ci: float = 0.95, min_group_size: int = 10,
+                         heads: Mapping[str, Sequence[str]] | None = None) -> dict:
     """The evaluation report's figures for one model's predictions table (JSON-serialisable).
 
     Keys: classes, n, n_errors, ci_level, n_boot, accuracy, balanced_accuracy, macro_f1, log_loss, ece,
     reliability, per_class, confusion_matrix, confusion_matrix_normalized, subgroups, subgroup_gaps,
-    worst_class. See the module docstring for the bootstrap.
+    worst_class, n_race_unlabelled, heads. See the module docstring for the bootstrap.
+
+    ``heads``: {extra head: its classes}; each head the table scored gets the same keys under
+    ``heads[name]`` (its subgroups empty), plus ``n_unlabelled``: images without that head's label.
     """
+    race = race_labelled(df)
+    evaluation = _evaluate_head(race, classes, n_boot, seed, ci, min_group_size)
+    evaluation["n_race_unlabelled"] = len(df) - len(race)
+    evaluation["heads"] = {}
+    for name, head_classes in (heads or {}).items():
+        table = head_table(df, name)
+        if table is not None:
+            evaluation["heads"][name] = {**_evaluate_head(table, head_classes, n_boot, seed, ci, min_group_size),
+                                         "n_unlabelled": len(df) - len(table)}
+    return evaluation
+
+
+def _evaluate_head(df: pd.DataFrame, classes: Sequence[str], n_boot: int, seed: int, ci: float,
+                   min_group_size: int) -> dict:
     classes = list(classes)
     k = len(classes)
     valid, n_errors = clean_predictions(df, classes)

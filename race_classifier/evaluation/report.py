@@ -25,7 +25,9 @@ TEMPLATE_NAME = "report.html.j2"
 
 THUMBNAIL_PX = 96
 MAX_UNREADABLE_LISTED = 50
-SUBGROUP_TITLES = {"gender": "Gender", "age": "Age", "race_x_gender": "Race \u00d7 gender"}
+SUBGROUP_TITLES = {"gender": "Gender", "age": "Age", "age_group": "Age group (the model's groups)",
+                   "race_x_gender": "Race \u00d7 gender"}
+HEAD_TITLES = {"gender": "Gender head", "age": "Age-group head"}
 
 # Colours that stay distinguishable for the common colour-vision deficiencies.
 BLUE, ORANGE, GREY = "#0072B2", "#D55E00", "#999999"
@@ -299,6 +301,27 @@ def _subgroups(evaluation: dict) -> list[dict]:
     return tables
 
 
+def _heads(evaluation: dict) -> list[dict]:
+    """One section per extra head (gender, age group): its summary, per-class accuracy and confusion."""
+    sections = []
+    for name, ev in (evaluation.get("heads") or {}).items():
+        classes = [str(c) for c in ev.get("classes") or []]
+        summary = _summary(ev, classes)
+        per_class = _per_class(ev, classes)
+        sections.append({
+            "id": f"head-{name}",
+            "title": HEAD_TITLES.get(name, f"{name.capitalize()} head"),
+            "summary": summary,
+            "n_unlabelled": ev.get("n_unlabelled"),
+            "calibration": ev.get("calibration"),
+            "per_class": per_class,
+            "per_class_png": plot_per_class_accuracy(per_class, summary["accuracy"].get("value"),
+                                                     summary["worst_class"], ci_label(ev.get("ci_level"))),
+            "confusion": _confusion(ev, classes),
+        })
+    return sections
+
+
 def _mistakes(predictions: pd.DataFrame, classes: list[str], limit: int) -> list[dict]:
     readable = predictions[~_unreadable_mask(predictions)]
     wrong = readable[_labels(readable, "y_pred") != _labels(readable, "y_true")]
@@ -368,12 +391,15 @@ def _comparison(comparison: dict, model_info: dict) -> dict:
     subgroups = [{"title": SUBGROUP_TITLES.get(dim, dim), "rows": rows(raw)}
                  for dim, raw in (comparison.get("subgroups") or {}).items() if raw]
     headline = overall[0] if overall else None
+    heads = [{"title": HEAD_TITLES.get(name, name), "overall": rows(raw.get("overall")),
+              "per_class": rows(raw.get("per_class")), "n_common": raw.get("n_common")}
+             for name, raw in (comparison.get("heads") or {}).items()]
     alpha = comparison.get("alpha")
     level = ci_label(None if _missing(alpha) else 1 - float(alpha))
     return {"name_a": name_a, "name_b": name_b, "n_common": comparison.get("n_common"),
             "n_dropped": comparison.get("n_dropped"), "n_only_a": comparison.get("n_only_a"),
             "n_only_b": comparison.get("n_only_b"), "alpha": "n/a" if _missing(alpha) else f"{float(alpha):g}",
-            "overall": overall, "per_class": per_class, "subgroups": subgroups, "headline": headline,
+            "overall": overall, "per_class": per_class, "subgroups": subgroups, "headline": headline, "heads": heads,
             "ci_label": level, "diff_png": plot_comparison_diffs(per_class, "A", "B", level)}
 
 
@@ -385,7 +411,9 @@ def render_report(evaluation: dict, predictions: pd.DataFrame, classes: list[str
     """Write the audit report for one model (and, given ``comparison``, against a baseline) to ``out_path``.
 
     ``evaluation`` comes from metrics.evaluate_predictions, ``comparison`` from compare.compare_predictions;
-    ``predictions`` has path, y_true, y_pred (-1 unreadable), confidence, gender, age, error.
+    ``predictions`` has path, y_true, y_pred (-1 unreadable), confidence, gender, age, error (race-labelled
+    rows: the mistakes and counts are the race head's). Each extra head in ``evaluation["heads"]`` gets a
+    section of its own.
     """
     classes = [str(c) for c in classes]
     model_info = model_info or {}
@@ -406,6 +434,7 @@ def render_report(evaluation: dict, predictions: pd.DataFrame, classes: list[str
         "reliability": bins,
         "reliability_png": plot_reliability(bins, summary["ece"]),
         "subgroups": _subgroups(evaluation),
+        "heads": _heads(evaluation),
         "mistakes": _mistakes(predictions, classes, max_mistakes),
         "max_mistakes": max_mistakes,
         "counts": _counts(predictions, classes),

@@ -3,7 +3,8 @@
     race-classifier export --model_path best.pt --output model.onnx [--opset 17]
         [--quantize int8 --calib_txt train.txt] [--val_txt val.txt] [--calib_images 256]
 
-The file is written only if ONNX Runtime agrees with PyTorch (fp32: every probability within 1e-4)
+The file is written only if ONNX Runtime agrees with PyTorch (fp32: every probability, of every
+head, within 1e-4)
 and, for int8 with --val_txt, accuracy drops by at most --max_accuracy_drop points.
 """
 from __future__ import annotations
@@ -55,6 +56,14 @@ def print_report(report: ExportReport) -> None:
     if report.int8 is not None:
         print(f"  ONNX Runtime int8 ({report.quantization['mode']}) vs PyTorch: max |probability difference| "
               f"{report.int8.max_abs_diff:.3f}; int8 vs fp32 top-1 agreement {100 * report.int8_vs_fp32.top1_agreement:.2f}%")
+    for head, agreement in (report.fp32_heads or {}).items():  # the lines above are the race head's
+        ok = "ok" if agreement.max_abs_diff <= FP32_TOLERANCE else "FAIL"
+        line = (f"  {head} head: fp32 vs PyTorch max |probability difference| {agreement.max_abs_diff:.2e} ({ok}), "
+                f"top-1 agreement {100 * agreement.top1_agreement:.2f}%")
+        if report.int8_heads:
+            line += (f"; int8 vs PyTorch {report.int8_heads[head].max_abs_diff:.3f}, top-1 agreement "
+                     f"{100 * report.int8_heads[head].top1_agreement:.2f}%")
+        print(line)
     if report.accuracy:
         acc = report.accuracy
         line = f"  accuracy: PyTorch {100 * acc['torch']:.2f}%  ONNX fp32 {100 * acc['onnx_fp32']:.2f}%"

@@ -12,10 +12,16 @@ An exported file holds, in its ``metadata_props`` (keys below, values JSON where
   race_classifier.exporter        race-classifier / torch / onnx versions and opset
   race_classifier.quantization    the int8 recipe (quantized files only)
   race_classifier.calibration     temperature, ECE/NLL before and after, abstention threshold (checkpoints
-                                  calibrated on validation data only); the loader divides logits by it
+                                  calibrated on validation data only), per-head temperatures under "heads";
+                                  the loader divides each head's logits by its temperature
+  race_classifier.heads           HeadLayout.to_dict(): head names, classes, age groups (models with
+                                  gender/age heads only)
+  race_classifier.outputs         {head: graph output name} (models with gender/age heads only)
 
 so ``load_predictor(model.onnx)`` needs no flags. Graph: input "input" (N, 3, H, W) float32 with a
-dynamic batch axis, output "logits" (N, K).
+dynamic batch axis; a race-only model has one output "logits" (N, K), a model with gender/age heads one
+output per head, "race_logits", "gender_logits", "age_logits" (N, classes of that head), so a deployer
+never slices a concatenation and a reader that takes the first output still gets race.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from torch.utils.data import DataLoader
 from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
 from race_classifier.data.manifest import Sample
 from race_classifier.data.transforms import Preprocessing, build_transform
+from race_classifier.heads import HeadError, HeadLayout
 from race_classifier.labels import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -52,8 +59,15 @@ class ExportError(ValueError):
 
 # --- metadata -----------------------------------------------------------------------------------------
 
+def output_names(heads: HeadLayout) -> dict[str, str]:
+    """{head: graph output}: "logits" for a race-only model (as before heads existed), else "<head>_logits"."""
+    if not heads.extra:
+        return {"race": OUTPUT_NAME}
+    return {name: f"{name}_logits" for name in heads.names}
+
+
 def build_metadata(checkpoint: dict, taxonomy: Taxonomy, preprocessing: Preprocessing, source: Path,
-                   opset: int) -> dict[str, str]:
+                   opset: int, heads: HeadLayout | None = None) -> dict[str, str]:
     import onnx
 
     from race_classifier import __version__
@@ -73,6 +87,9 @@ def build_metadata(checkpoint: dict, taxonomy: Taxonomy, preprocessing: Preproce
     if checkpoint.get("calibration"):
         # The graph outputs raw logits; the loader applies the temperature, as it does for the checkpoint.
         metadata["calibration"] = json.dumps(checkpoint["calibration"], default=str)
+    if heads is not None and heads.extra:  # race-only files stay exactly as before heads existed
+        metadata["heads"] = json.dumps(heads.to_dict())
+        metadata["outputs"] = json.dumps(output_names(heads))
     return metadata
 
 
@@ -95,7 +112,8 @@ def write_metadata(path: str | Path, metadata: dict[str, str]) -> None:
 def read_metadata(props: dict[str, str]) -> dict | None:
     """Parsed race_classifier.* metadata of an ONNX file, or None when the file is not one of ours.
 
-    Returns {"taxonomy": Taxonomy, "preprocessing": Preprocessing, "info": dict of the rest}.
+    Returns {"taxonomy": Taxonomy, "preprocessing": Preprocessing, "heads": HeadLayout, "outputs": {head:
+    graph output name} or None (race-only: the first output), "info": dict of the rest}.
     Raises ValueError for a file of ours that is malformed or newer than this code understands.
     """
     if props.get(META_PREFIX + "format") != ONNX_FORMAT:
@@ -111,7 +129,25 @@ def read_metadata(props: dict[str, str]) -> dict | None:
                 if key.startswith(META_PREFIX) and key not in (META_PREFIX + "taxonomy", META_PREFIX + "preprocessing")}
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"malformed race-classifier ONNX metadata ({e!r})") from None
-    return {"taxonomy": taxonomy, "preprocessing": preprocessing, "info": info}
+    heads, outputs = _read_heads(info, taxonomy)
+    return {"taxonomy": taxonomy, "preprocessing": preprocessing, "heads": heads, "outputs": outputs, "info": info}
+
+
+def _read_heads(info: dict, taxonomy: Taxonomy) -> tuple[HeadLayout, dict[str, str] | None]:
+    """The head layout and per-head output names; files without them (exported before heads existed, or
+    race-only) have the race head alone, on the graph's first output."""
+    try:
+        heads = HeadLayout.from_dict(info.get("heads"), taxonomy.classes)
+    except (KeyError, TypeError, ValueError, HeadError) as e:
+        raise ValueError(f"malformed race_classifier.heads metadata ({e!r})") from None
+    outputs = info.get("outputs")
+    if not heads.extra and outputs is None:
+        return heads, None
+    if not (isinstance(outputs, dict) and set(outputs) == set(heads.names)
+            and all(isinstance(v, str) and v for v in outputs.values())):
+        raise ValueError(f"race_classifier.outputs metadata {outputs!r} does not name one graph output for each "
+                         f"head ({', '.join(heads.names)})")
+    return heads, {name: outputs[name] for name in heads.names}
 
 
 def _maybe_json(value: str):
@@ -123,15 +159,32 @@ def _maybe_json(value: str):
 
 # --- graph --------------------------------------------------------------------------------------------
 
-def export_graph(model: torch.nn.Module, path: str | Path, image_size: int, opset: int = DEFAULT_OPSET) -> None:
-    """Trace ``model`` in eval mode to ONNX with a dynamic batch axis (TorchScript-based exporter)."""
+class PerHeadOutputs(torch.nn.Module):
+    """A multi-head model whose concatenated logits ``[race | gender | age]`` are cut into one output per head."""
+
+    def __init__(self, model: torch.nn.Module, heads: HeadLayout):
+        super().__init__()
+        self.model, self.slices = model, list(heads.slices().values())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.model(images)
+        return tuple(logits[:, s] for s in self.slices)
+
+
+def export_graph(model: torch.nn.Module, path: str | Path, image_size: int, opset: int = DEFAULT_OPSET,
+                 heads: HeadLayout | None = None) -> None:
+    """Trace ``model`` in eval mode to ONNX with a dynamic batch axis (TorchScript-based exporter); with
+    gender/age ``heads``, one named output per head (``output_names``)."""
     model = model.eval()
+    names = [OUTPUT_NAME]
+    if heads is not None and heads.extra:
+        model, names = PerHeadOutputs(model, heads).eval(), list(output_names(heads).values())
     # A batch of 2, not 1: nothing in the trace may specialise on a batch of one.
     example = torch.zeros(2, 3, image_size, image_size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow are not actionable here
-        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=names,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in names}},
                           opset_version=opset, do_constant_folding=True, dynamo=False)
 
 
@@ -169,18 +222,20 @@ def random_batches(image_size: int, n: int = 64, batch_size: int = 32, seed: int
         yield torch.randn(min(batch_size, n - start), 3, image_size, image_size, generator=generator), None
 
 
-def score(predictors: dict, batches) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Every predictor on the same batches, in one pass: ({name: (N, K) probabilities}, labels or None)."""
+def score(predictors: dict, batches) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray | None]:
+    """Every predictor on the same batches, in one pass: ({name: {head: (N, classes) probabilities}}, race
+    labels or None). Every head of a multi-head model comes from the same forward pass."""
     probs = {name: [] for name in predictors}
     labels = []
     for images, batch_labels in batches:
         for name, predictor in predictors.items():
-            probs[name].append(predictor.predict_proba(images))
+            probs[name].append(predictor.predict_heads(images))
         if batch_labels is not None:
             labels.append(batch_labels.numpy())
     if not any(probs.values()):
         raise ExportError("no readable image to compare the models on")
-    return ({name: np.concatenate(p) for name, p in probs.items()},
+    return ({name: {head: np.concatenate([b[head] for b in batches_]) for head in batches_[0]}
+             for name, batches_ in probs.items()},
             np.concatenate(labels) if labels else None)
 
 
@@ -213,18 +268,24 @@ class ExportReport:
     int8_vs_fp32: Agreement | None = None  # ONNX Runtime int8 vs ONNX Runtime fp32 (top-1 agreement)
     accuracy: dict | None = None           # {"torch", "onnx_fp32", "onnx_int8"}: on the labelled images
     quantization: dict | None = None
+    # The gender/age heads of a multi-head model, {head: Agreement}; fp32/int8 above are the race head's.
+    fp32_heads: dict[str, Agreement] | None = None
+    int8_heads: dict[str, Agreement] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _load_exported(path: Path, taxonomy: Taxonomy, preprocessing: Preprocessing):
+def _load_exported(path: Path, taxonomy: Taxonomy, preprocessing: Preprocessing, heads: HeadLayout):
     """The file through the loader every command uses; its metadata must give back what was exported."""
     from race_classifier.models.loaders import load_predictor
     predictor = load_predictor(path)
     if predictor.taxonomy.classes != taxonomy.classes or predictor.preprocessing != preprocessing:
         raise ExportError(f"the ONNX metadata did not round-trip: read {predictor.taxonomy.classes} / "
                           f"{predictor.preprocessing}, exported {taxonomy.classes} / {preprocessing}")
+    if predictor.heads != heads:
+        raise ExportError(f"the ONNX head layout did not round-trip: read {predictor.heads.to_dict()}, "
+                          f"exported {heads.to_dict()}")
     return predictor
 
 
@@ -249,7 +310,8 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, *, opset:
     """Export a race-classifier checkpoint to ``output`` (fp32, or int8 with ``quantize="int8"``).
 
     Everything is built and verified in a temporary folder; ``output`` is written (atomically) only when
-    ONNX Runtime's fp32 probabilities are within FP32_TOLERANCE of PyTorch's on every compared image and,
+    ONNX Runtime's fp32 probabilities are within FP32_TOLERANCE of PyTorch's on every compared image (and
+    every head of a model with gender/age heads) and,
     for int8 with labelled validation images, accuracy drops by at most ``max_accuracy_drop`` points.
     Otherwise ExportError, and no file.
     """
@@ -261,16 +323,16 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, *, opset:
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantization {quantize!r}: only int8 is supported")
     loaded = load_model(checkpoint_path)
-    taxonomy, pre = loaded.taxonomy, loaded.preprocessing
-    metadata = build_metadata(loaded.checkpoint, taxonomy, pre, checkpoint_path, opset)
+    taxonomy, pre, heads = loaded.taxonomy, loaded.preprocessing, loaded.heads
+    metadata = build_metadata(loaded.checkpoint, taxonomy, pre, checkpoint_path, opset, heads)
     reference = load_predictor(checkpoint_path)
 
     with tempfile.TemporaryDirectory(prefix="race-classifier-export-") as tmp:
         fp32_path = Path(tmp) / "model.fp32.onnx"
-        export_graph(loaded.model, fp32_path, pre.image_size, opset)
+        export_graph(loaded.model, fp32_path, pre.image_size, opset, heads)
         write_metadata(fp32_path, metadata)
         check_graph(fp32_path)
-        predictors = {"torch": reference, "onnx_fp32": _load_exported(fp32_path, taxonomy, pre)}
+        predictors = {"torch": reference, "onnx_fp32": _load_exported(fp32_path, taxonomy, pre, heads)}
 
         recipe = None
         if quantize:
@@ -283,17 +345,22 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, *, opset:
             recipe = quantize_int8(fp32_path, int8_path, calibration, calib_method or DEFAULT_CALIBRATION)
             write_metadata(int8_path, {**metadata, "quantization": json.dumps(recipe)})
             check_graph(int8_path)
-            predictors["onnx_int8"] = _load_exported(int8_path, taxonomy, pre)
+            predictors["onnx_int8"] = _load_exported(int8_path, taxonomy, pre, heads)
 
         batches, images = _comparison_images(pre, val_samples, calib_samples, calib_images, batch_size, workers)
         probs, labels = score(predictors, batches)
-        report = ExportReport(str(output), images, len(probs["torch"]),
-                              Agreement.of(probs["torch"], probs["onnx_fp32"]), quantization=recipe)
+        race = {name: p["race"] for name, p in probs.items()}
+        report = ExportReport(str(output), images, len(race["torch"]),
+                              Agreement.of(race["torch"], race["onnx_fp32"]), quantization=recipe)
         if quantize:
-            report.int8 = Agreement.of(probs["torch"], probs["onnx_int8"])
-            report.int8_vs_fp32 = Agreement.of(probs["onnx_fp32"], probs["onnx_int8"])
-        if labels is not None and val_samples:
-            report.accuracy = {name: accuracy(p, labels) for name, p in probs.items()}
+            report.int8 = Agreement.of(race["torch"], race["onnx_int8"])
+            report.int8_vs_fp32 = Agreement.of(race["onnx_fp32"], race["onnx_int8"])
+        if heads.extra:
+            report.fp32_heads = _head_agreements(probs, "onnx_fp32", heads)
+            if quantize:
+                report.int8_heads = _head_agreements(probs, "onnx_int8", heads)
+        if labels is not None and val_samples:  # the manifest's labels are race labels: the race head's accuracy
+            report.accuracy = {name: accuracy(p, labels) for name, p in race.items()}
 
         _refuse_if_failed(report, max_accuracy_drop)
         final = int8_path if quantize else fp32_path
@@ -303,12 +370,18 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, *, opset:
     return report
 
 
+def _head_agreements(probs: dict, candidate: str, heads: HeadLayout) -> dict[str, Agreement]:
+    return {h.name: Agreement.of(probs["torch"][h.name], probs[candidate][h.name]) for h in heads.extra}
+
+
 def _refuse_if_failed(report: ExportReport, max_accuracy_drop: float) -> None:
-    if not report.fp32.max_abs_diff <= FP32_TOLERANCE:  # written so that NaN fails too
-        raise ExportError(
-            f"refusing to write {report.output}: ONNX Runtime's probabilities differ from PyTorch's by up to "
-            f"{report.fp32.max_abs_diff:.3g} on {report.n_images} {report.images} (allowed: {FP32_TOLERANCE:g}); "
-            f"the exported graph does not compute what the checkpoint does")
+    for head, agreement in {"race": report.fp32, **(report.fp32_heads or {})}.items():
+        if not agreement.max_abs_diff <= FP32_TOLERANCE:  # written so that NaN fails too
+            which = "" if head == "race" and not report.fp32_heads else f" of the {head} head"
+            raise ExportError(
+                f"refusing to write {report.output}: ONNX Runtime's probabilities{which} differ from PyTorch's by "
+                f"up to {agreement.max_abs_diff:.3g} on {report.n_images} {report.images} (allowed: "
+                f"{FP32_TOLERANCE:g}); the exported graph does not compute what the checkpoint does")
     if report.int8 is not None and report.accuracy:
         drop = 100 * (report.accuracy["onnx_fp32"] - report.accuracy["onnx_int8"])
         if not drop <= max_accuracy_drop:

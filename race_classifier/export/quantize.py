@@ -11,6 +11,8 @@
 
 Both run ``quant_pre_process`` first: shape inference plus graph optimisation, so that BatchNorm is
 folded into the convolutions before they are quantized (otherwise each BN would be quantized apart).
+Graph outputs keep their names (one per head for a model with gender/age heads); the race_classifier.*
+metadata (classes, heads, calibration) is written onto the int8 file afterwards by ``export_checkpoint``.
 """
 from __future__ import annotations
 

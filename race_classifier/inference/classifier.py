@@ -5,9 +5,11 @@
     result = clf.predict("group.jpg")            # or a PIL image, or an array with channels="RGB"/"BGR"
     for face in result.faces:
         print(face.box, face.label, face.confidence)
+        print(face.gender, face.age_group)       # models with gender / age-group heads; None otherwise
 
 Every model format ``load_predictor`` knows works. Crops are cut with the geometry the model was trained
 on (``Preprocessing.crop``), from the full-resolution photo, and classified in batches across images.
+A model with gender / age-group heads gives every head from the same forward pass; only race abstains.
 The labels are perceived, socially constructed categories, not facts about a person.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from PIL import Image, ImageOps
 
 from race_classifier.data.image_io import ImageLoadError, _to_rgb, load_rgb
 from race_classifier.data.transforms import build_transform
+from race_classifier.heads import HeadLayout
 from race_classifier.inference.align import FAIRFACE_CHIP_SIZE, align_face
 from race_classifier.inference.detector import Face, FaceDetector
 from race_classifier.models.loaders import Predictor, load_predictor
@@ -31,6 +34,9 @@ log = logging.getLogger(__name__)
 
 UNCERTAIN = "uncertain"
 CHANNEL_ORDERS = ("RGB", "BGR", "RGBA", "BGRA")
+# A face's result fields for each head besides race: (label, confidence, probabilities).
+HEAD_FIELDS = {"gender": ("gender", "gender_confidence", "gender_probabilities"),
+               "age": ("age_group", "age_confidence", "age_probabilities")}
 
 
 @dataclass
@@ -38,7 +44,9 @@ class FacePrediction:
     """One face: where it is (``None`` for a whole image given as a crop) and what the model says.
 
     ``label`` is ``"uncertain"`` when ``confidence`` is below the classifier's ``min_confidence``;
-    ``top_label`` is always the most probable class."""
+    ``top_label`` is always the most probable class. A model with gender / age-group heads also gives each
+    head's most probable class, its calibrated probability and all its classes' (``HEAD_FIELDS``); these
+    never abstain, and are None (and left out of ``to_dict``) for a race-only model."""
     index: int
     box: tuple[float, float, float, float] | None
     landmarks: tuple[tuple[float, float], ...] | None
@@ -47,6 +55,16 @@ class FacePrediction:
     confidence: float
     top_label: str
     probabilities: dict[str, float]
+    gender: str | None = None
+    gender_confidence: float | None = None
+    gender_probabilities: dict[str, float] | None = None
+    age_group: str | None = None
+    age_confidence: float | None = None
+    age_probabilities: dict[str, float] | None = None
+
+    def to_dict(self) -> dict:
+        absent = {f for fields in HEAD_FIELDS.values() for f in fields if getattr(self, f) is None}
+        return {k: v for k, v in asdict(self).items() if k not in absent}  # race-only output as before heads
 
 
 @dataclass
@@ -63,7 +81,7 @@ class ImagePrediction:
         return "error" if self.error else ("ok" if self.faces else "no_face")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "status": self.status}
+        return {**asdict(self), "faces": [f.to_dict() for f in self.faces], "status": self.status}
 
 
 @dataclass
@@ -149,6 +167,20 @@ class Classifier:
         return tuple(self.predictor.taxonomy.classes)
 
     @property
+    def heads(self) -> HeadLayout:
+        return self.predictor.heads
+
+    def heads_description(self) -> dict:
+        """{head: {"classes": [...]}} for the heads besides race (age groups with their years, e.g.
+        'Teen (13-19)', as "groups"); {} for a race-only model."""
+        out = {}
+        for head in self.heads.extra:
+            out[head.name] = {"classes": list(head.classes)}
+            if head.name == "age" and self.heads.age_bins:
+                out[head.name]["groups"] = self.heads.age_bins.describe()
+        return out
+
+    @property
     def detector(self) -> FaceDetector:
         if self._detector is None:  # built on first use: --no-detect never needs it
             self._detector = FaceDetector(**self._detector_options)
@@ -192,30 +224,45 @@ class Classifier:
         return _Pending(result, faces, chips)
 
     def classify_chips(self, chips: list[Image.Image]) -> np.ndarray:
-        """Class probabilities (N, K) for face chips already cut, in batches of ``batch_size``."""
-        out = []
+        """Race class probabilities (N, K) for face chips already cut, in batches of ``batch_size``."""
+        return self.classify_chips_heads(chips)["race"]
+
+    def classify_chips_heads(self, chips: list[Image.Image]) -> dict[str, np.ndarray]:
+        """{head: calibrated probabilities (N, classes)} for face chips already cut: every head of a batch
+        from one forward pass (``Predictor.predict_heads``)."""
+        out = {head.name: [] for head in self.heads.heads}
         for i in range(0, len(chips), self.batch_size):
             batch = torch.stack([self.transform(c) for c in chips[i:i + self.batch_size]])
-            out.append(self.predictor.predict_proba(batch))
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+            for name, probs in self.predictor.predict_heads(batch).items():
+                out[name].append(probs)
+        return {head.name: np.concatenate(out[head.name]) if out[head.name]
+                else np.zeros((0, len(head.classes)), dtype=np.float32) for head in self.heads.heads}
 
     def _classify(self, pending: list[_Pending]) -> Iterator[ImagePrediction]:
-        probs = self.classify_chips([c for p in pending for c in p.chips])
+        probs = self.classify_chips_heads([c for p in pending for c in p.chips])
         k = 0
         for p in pending:
             for i, face in enumerate(p.faces):
-                p.result.faces.append(self._face_prediction(i, face, probs[k]))
+                p.result.faces.append(self._face_prediction(i, face, {name: v[k] for name, v in probs.items()}))
                 k += 1
             yield p.result
 
-    def _face_prediction(self, index: int, face: Face | None, probs: np.ndarray) -> FacePrediction:
-        top = int(np.argmax(probs))
-        confidence = float(probs[top])
+    def _face_prediction(self, index: int, face: Face | None, probs: dict[str, np.ndarray]) -> FacePrediction:
+        race = probs["race"]
+        top = int(np.argmax(race))
+        confidence = float(race[top])
         label = self.classes[top]
         if self.min_confidence is not None and confidence < self.min_confidence:
             label = UNCERTAIN
+        extra = {}
+        for head in self.heads.extra:  # no abstention: the threshold was fitted for race only
+            label_field, confidence_field, probs_field = HEAD_FIELDS[head.name]
+            p = probs[head.name]
+            best = int(np.argmax(p))
+            extra.update({label_field: head.classes[best], confidence_field: float(p[best]),
+                          probs_field: {c: float(v) for c, v in zip(head.classes, p)}})
         return FacePrediction(
             index=index, box=None if face is None else tuple(round(v, 1) for v in face.box),
             landmarks=None if face is None else tuple((round(x, 1), round(y, 1)) for x, y in face.landmarks),
             score=None if face is None else round(face.score, 4), label=label, confidence=confidence,
-            top_label=self.classes[top], probabilities={c: float(v) for c, v in zip(self.classes, probs)})
+            top_label=self.classes[top], probabilities={c: float(v) for c, v in zip(self.classes, race)}, **extra)

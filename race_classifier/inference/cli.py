@@ -5,7 +5,9 @@
     race-classifier predict --video clip.mp4 --every 5 --annotate annotated.mp4 --model best.pt
 
 One row per face (image, face index, box, 5 landmarks, detection score, label, confidence, one
-probability per class); an image without a face, or one that cannot be read, gets one row that says so.
+probability per class; for a model with gender / age-group heads also gender, gender_confidence, age_group,
+age_confidence and their classes' probabilities); an image without a face, or one that cannot be read, gets
+one row that says so.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the parser is built for every subcommand: torch and ONNX Runtime load only when used
+    from race_classifier.heads import Head
     from race_classifier.inference.classifier import Classifier, ImagePrediction
 
 log = logging.getLogger("race_classifier.predict")
@@ -98,13 +101,22 @@ def expand_inputs(inputs: list[str], stdin=None) -> list[str]:
 
 # --- outputs ----------------------------------------------------------------------------------------------
 
-def csv_columns(classes) -> list[str]:
+def csv_columns(classes, extra_heads: tuple[Head, ...] = ()) -> list[str]:
+    """The CSV header; ``extra_heads`` (gender, age) add their label, confidence and probability columns."""
     marks = [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in ("x", "y")]
     return ["image", "frame", "time_s", "face", "status", "error", "x1", "y1", "x2", "y2", *marks,
-            "det_score", "label", "confidence", "top_label", *[f"prob_{c}" for c in classes]]
+            "det_score", "label", "confidence", "top_label", *[f"prob_{c}" for c in classes],
+            *[column for head in extra_heads for column in _head_columns(head)]]
 
 
-def prediction_rows(pred: ImagePrediction, classes, frame: int | None = None, time_s: float | None = None):
+def _head_columns(head: Head) -> list[str]:
+    from race_classifier.inference.classifier import HEAD_FIELDS
+    label, confidence, _ = HEAD_FIELDS[head.name]
+    return [label, confidence, *[f"prob_{head.name}_{c}" for c in head.classes]]
+
+
+def prediction_rows(pred: ImagePrediction, classes, frame: int | None = None, time_s: float | None = None,
+                    extra_heads: tuple[Head, ...] = ()):
     """One CSV row per face, or one row saying 'no_face' / 'error'."""
     base = {"image": pred.source, "frame": "" if frame is None else frame,
             "time_s": "" if time_s is None else round(time_s, 3), "status": pred.status, "error": pred.error or ""}
@@ -119,15 +131,32 @@ def prediction_rows(pred: ImagePrediction, classes, frame: int | None = None, ti
         for name, (x, y) in zip(LANDMARK_NAMES, face.landmarks or ()):
             row[f"{name}_x"], row[f"{name}_y"] = x, y
         row.update({f"prob_{c}": round(face.probabilities[c], 6) for c in classes})
+        for head in extra_heads:
+            row.update(_head_values(face, head))
         yield row
 
 
-def to_csv(rows, classes) -> str:
+def _head_values(face, head: Head) -> dict:
+    from race_classifier.inference.classifier import HEAD_FIELDS
+    label, confidence, probabilities = HEAD_FIELDS[head.name]
+    return {label: getattr(face, label), confidence: round(getattr(face, confidence), 6),
+            **{f"prob_{head.name}_{c}": round(p, 6) for c, p in getattr(face, probabilities).items()}}
+
+
+def to_csv(rows, classes, extra_heads: tuple[Head, ...] = ()) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=csv_columns(classes), restval="", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=csv_columns(classes, extra_heads), restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def json_header(args, clf: Classifier) -> dict:
+    """What every JSON output starts with: the model, TTA, the race classes and, for a model with gender /
+    age-group heads, those heads' classes."""
+    header = {"model": str(args.model), "tta": args.tta, "classes": list(clf.classes)}
+    heads = clf.heads_description()
+    return {**header, "heads": heads} if heads else header  # race-only output as before heads existed
 
 
 def write_output(output: str | None, csv_text_fn, json_obj_fn) -> None:
@@ -174,14 +203,15 @@ def run(args) -> int:
     if not paths:
         raise ValueError("no input images (give files, folders, .txt lists or - for standard input)")
     clf = build_classifier(args)
-    classes = clf.classes
+    classes, extra = clf.classes, clf.heads.extra
     preds = list(clf.iter_predict(paths))
     for p in preds:
         if p.error:
             log.warning("%s: %s", p.source, p.error)
-    write_output(args.output, lambda: to_csv((r for p in preds for r in prediction_rows(p, classes)), classes),
-                 lambda: {"model": str(args.model), "tta": args.tta, "classes": list(classes),
-                          "images": [p.to_dict() for p in preds]})
+    write_output(args.output,
+                 lambda: to_csv((r for p in preds for r in prediction_rows(p, classes, extra_heads=extra)),
+                                classes, extra),
+                 lambda: {**json_header(args, clf), "images": [p.to_dict() for p in preds]})
     log.info("%s", _summary(preds))
     return 0
 
@@ -191,12 +221,12 @@ def _run_video(args) -> int:
     if args.no_detect:
         raise ValueError("--no-detect does not apply to --video: frames are searched for faces")
     clf = build_classifier(args)
-    classes = clf.classes
+    classes, extra = clf.classes, clf.heads.extra
     result = predict_video(clf, args.video, every=args.every, annotate=args.annotate, max_frames=args.max_frames)
     write_output(args.output,
                  lambda: to_csv((r for f in result.frames for r in prediction_rows(f.prediction, classes, f.frame,
-                                                                                    f.time_s)), classes),
-                 lambda: {"model": str(args.model), "tta": args.tta, "classes": list(classes), "video": result.source,
+                                                                                    f.time_s, extra)), classes, extra),
+                 lambda: {**json_header(args, clf), "video": result.source,
                           "frames_read": result.frames_read, "fps": result.fps,
                           "frames": [{"frame": f.frame, "time_s": f.time_s, **f.prediction.to_dict()}
                                      for f in result.frames]})

@@ -1,7 +1,8 @@
 """Faces in video files and camera streams, frame by frame, through OpenCV (opencv-python-headless).
 
 Every ``every``-th frame is classified (detect + align + classify); an annotated copy of the video can be
-written with the latest boxes and labels drawn on every frame. The speed achieved is reported as frames
+written with the latest boxes and labels (and gender / age group, for a model with those heads) drawn on
+every frame. The speed achieved is reported as frames
 processed per second of wall time.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from race_classifier.inference.classifier import Classifier, ImagePrediction
+from race_classifier.inference.classifier import Classifier, FacePrediction, ImagePrediction
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,18 @@ def _writer(path: str | Path, fps: float, size: tuple[int, int]):
     return writer
 
 
+def caption(face: FacePrediction) -> str:
+    """'White 0.91', or with gender / age-group heads 'White 0.91 | Male 0.88 | Adult 0.75'."""
+    parts = [f"{face.label} {face.confidence:.2f}"]
+    if face.gender is not None:
+        parts.append(f"{face.gender} {face.gender_confidence:.2f}")
+    if face.age_group is not None:
+        parts.append(f"{face.age_group} {face.age_confidence:.2f}")
+    return " | ".join(parts)  # ASCII only: OpenCV's Hershey fonts have no other glyphs
+
+
 def draw(frame_bgr: np.ndarray, prediction: ImagePrediction | None) -> np.ndarray:
-    """Boxes, landmarks and 'label confidence' drawn on a BGR frame (in place)."""
+    """Boxes, landmarks and each face's ``caption`` drawn on a BGR frame (in place)."""
     import cv2
     for face in (prediction.faces if prediction else []):
         if face.box is None:
@@ -74,9 +85,8 @@ def draw(frame_bgr: np.ndarray, prediction: ImagePrediction | None) -> np.ndarra
         cv2.rectangle(frame_bgr, (x1, y1), (x2, y2), (0, 200, 255), 2)
         for x, y in face.landmarks or ():
             cv2.circle(frame_bgr, (int(x), int(y)), 2, (0, 255, 0), -1)
-        text = f"{face.label} {face.confidence:.2f}"
-        cv2.putText(frame_bgr, text, (x1, max(12, y1 - 6)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 200, 255), 1,
-                    cv2.LINE_AA)
+        cv2.putText(frame_bgr, caption(face), (x1, max(12, y1 - 6)), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    (0, 200, 255), 1, cv2.LINE_AA)
     return frame_bgr
 
 

@@ -4,7 +4,7 @@ Recognised from the file itself:
 * a race-classifier checkpoint (classes and preprocessing inside);
 * a FairFace release checkpoint: a torchvision ResNet-34 state dict whose last layer has 18 outputs
   (7 race, 2 gender, 9 age); 224 px, ImageNet mean/std; races in fairface7 order;
-* an ONNX file exported by ``race-classifier export`` (classes and preprocessing in its metadata);
+* an ONNX file exported by ``race-classifier export`` (classes, heads and preprocessing in its metadata);
 * a TorchScript file or a foreign ONNX file: their label order (``labels``) and preprocessing must be given.
 
 Checkpoints and state dicts load with ``weights_only=True``: no pickled code runs. A TorchScript file is a
@@ -23,7 +23,7 @@ import torch
 import torchvision
 
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from race_classifier.heads import HeadLayout
+from race_classifier.heads import FAIRFACE_AGE_RANGES, FAIRFACE_GENDERS, Head, HeadLayout
 from race_classifier.labels import Taxonomy, get_taxonomy
 from race_classifier.models.checkpoint import FORMAT, load_model
 
@@ -49,7 +49,8 @@ class Predictor:
     run: callable = field(repr=False)  # images -> every head's logits side by side, race first (numpy or torch)
     info: dict = field(default_factory=dict)
     # Fitted on validation data (race-classifier checkpoints and their ONNX exports): {"temperature", ...,
-    # "abstention": {"threshold", ...}}; None for files without one (temperature 1, no threshold).
+    # "abstention": {"threshold", ...}, "heads": {"gender": {"temperature", ...}, ...}}; None for files
+    # without one (temperature 1, no threshold). Only race abstains; other heads are only calibrated.
     calibration: dict | None = None
     # Test-time augmentation: predict_proba averages the calibrated probabilities of each image and its
     # horizontal mirror (faces are trained with random flips, so both views are in-distribution).
@@ -112,6 +113,13 @@ class Predictor:
         self.tta = bool(on)
         self.info["tta"] = TTA_DESCRIPTION if on else "none"
         return self
+
+
+def describe_heads(heads: HeadLayout) -> str:
+    """'race (A, B), gender (Male, Female), age (Child (0-12), ...)' for model information."""
+    def classes(h):
+        return heads.age_bins.describe() if h.name == "age" and heads.age_bins else h.classes
+    return ", ".join(f"{h.name} ({', '.join(classes(h))})" for h in heads.heads)
 
 
 def _torch_runner(model: torch.nn.Module, device: torch.device, slice_to: int | None = None):
@@ -184,7 +192,7 @@ def _from_checkpoint(path: Path, device: torch.device) -> Predictor:
             "training metrics": {k: v for k, v in (ckpt.get("metrics") or {}).items()
                                  if k in ("val_accuracy", "val_balanced_accuracy", "val_loss")}}
     if loaded.heads.extra:
-        info["heads"] = ", ".join(f"{h.name} ({', '.join(h.classes)})" for h in loaded.heads.heads)
+        info["heads"] = describe_heads(loaded.heads)
     calibration = ckpt.get("calibration")
     if calibration:
         info["calibration"] = calibration
@@ -194,6 +202,8 @@ def _from_checkpoint(path: Path, device: torch.device) -> Predictor:
 
 
 def _load_fairface(path: Path, state: dict, device: torch.device) -> Predictor:
+    """FairFace's release model: all 18 logits, as three heads. Its age head has no bins: its classes are
+    FairFace's 9 ranges, which ``heads.class_map`` sums into another model's age groups."""
     model = torchvision.models.resnet34(num_classes=FAIRFACE_OUTPUTS)
     try:
         model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
@@ -201,10 +211,13 @@ def _load_fairface(path: Path, state: dict, device: torch.device) -> Predictor:
         raise ModelLoadError(f"{path}: has an 18-output fc but is not a torchvision ResNet-34 ({e})") from None
     model.to(device).eval()
     taxonomy = get_taxonomy(FAIRFACE_RACES)
-    info = {"path": str(path), "kind": "FairFace ResNet-34 (race logits 0-6 of 18)", "taxonomy": taxonomy.name,
-            "classes": ", ".join(taxonomy.classes)}
+    heads = HeadLayout((Head("race", taxonomy.classes), Head("gender", FAIRFACE_GENDERS),
+                        Head("age", FAIRFACE_AGE_RANGES)))
+    info = {"path": str(path), "kind": "FairFace ResNet-34 (7 race, 2 gender, 9 age logits)",
+            "taxonomy": taxonomy.name, "classes": ", ".join(taxonomy.classes),
+            "heads": describe_heads(heads)}
     return Predictor(path.name, "fairface", taxonomy, Preprocessing(image_size=224, crop={"aligned": True, "margin": 0.25}),
-                     _torch_runner(model, device, slice_to=len(taxonomy.classes)), info)
+                     _torch_runner(model, device), info, heads=heads)
 
 
 def _load_onnx(path: Path, labels, image_size, mean, std) -> Predictor:
@@ -227,8 +240,10 @@ def _load_onnx(path: Path, labels, image_size, mean, std) -> Predictor:
         ours = read_metadata(props)
     except ValueError as e:
         raise ModelLoadError(f"{path}: {e}") from None
+    heads, outputs = None, None  # race only, on the first output
     if ours is not None:
         taxonomy, preprocessing, meta_info = ours["taxonomy"], ours["preprocessing"], ours["info"]
+        heads, outputs = ours["heads"], ours["outputs"]
         _warn_ignored_flags(path, preprocessing, labels, image_size, mean, std)
         kind = "race-classifier ONNX" + (" (int8)" if "quantization" in meta_info else "")
     else:  # a foreign file: flags describe it
@@ -239,25 +254,54 @@ def _load_onnx(path: Path, labels, image_size, mean, std) -> Predictor:
             raise ModelLoadError(f"{path}: its input is declared {static}x{static} px, not --image_size {image_size}")
         preprocessing = _external_preprocessing(image_size or static, mean, std)
         meta_info, kind = {}, "ONNX"
+    if outputs:
+        _check_head_outputs(path, session, heads, outputs)
     expected = _expected_input_shape(declared, preprocessing.image_size)
     dtype = np.float16 if model_input.type == "tensor(float16)" else np.float32
+    wanted = list(outputs.values()) if outputs else None
 
     def run(images: torch.Tensor) -> np.ndarray:
         _check_input(path, tuple(images.shape), expected)
-        return session.run(None, {model_input.name: np.ascontiguousarray(images.detach().cpu().numpy(), dtype)})[0]
+        results = session.run(wanted, {model_input.name: np.ascontiguousarray(images.detach().cpu().numpy(), dtype)})
+        # One output per head (in layout order) side by side: the Predictor's one logits layout for every file.
+        return np.concatenate(results, axis=1) if wanted else results[0]
 
     info = {"path": str(path), "kind": kind, "taxonomy": taxonomy.name, "classes": ", ".join(taxonomy.classes),
             "preprocessing": preprocessing.to_dict(), "input": f"{model_input.name} {declared}",
             **{k: v for k, v in meta_info.items() if k not in ("format", "format_version")}}
+    if heads is not None and heads.extra:
+        info["heads"] = describe_heads(heads)
     calibration = meta_info.get("calibration")
     if calibration is not None and not (isinstance(calibration, dict) and _valid_temperature(calibration)):
         raise ModelLoadError(f"{path}: malformed race_classifier.calibration metadata: {calibration!r}")
-    return Predictor(path.name, "onnx", taxonomy, preprocessing, run, info, calibration=calibration or None)
+    return Predictor(path.name, "onnx", taxonomy, preprocessing, run, info, calibration=calibration or None,
+                     heads=heads)
+
+
+def _check_head_outputs(path: Path, session, heads: HeadLayout, outputs: dict[str, str]) -> None:
+    """Every head's named output exists and, where its width is declared, has one logit per class."""
+    graph = {o.name: o.shape for o in session.get_outputs()}
+    for head in heads.heads:
+        name = outputs[head.name]
+        if name not in graph:
+            raise ModelLoadError(f"{path}: its metadata puts the {head.name} head on output {name!r}, but the graph's "
+                                 f"outputs are {', '.join(graph)}")
+        width = graph[name][1] if len(graph[name]) == 2 else None
+        if len(graph[name]) != 2 or (isinstance(width, int) and width != len(head.classes)):
+            raise ModelLoadError(f"{path}: output {name!r} is {graph[name]}, not (N, {len(head.classes)}) for the "
+                                 f"{head.name} head's classes ({', '.join(head.classes)})")
 
 
 def _valid_temperature(calibration: dict) -> bool:
-    t = calibration.get("temperature", 1.0)
-    return isinstance(t, (int, float)) and t > 0
+    """The race temperature is a positive number, and so is each other head's (``calibration["heads"][name]``)
+    where it has one (a head without labelled validation data may stay uncalibrated: None)."""
+    def positive(t):
+        return isinstance(t, (int, float)) and t > 0
+    per_head = calibration.get("heads") or {}
+    if not isinstance(per_head, dict) or not all(isinstance(h, dict) for h in per_head.values()):
+        return False
+    return positive(calibration.get("temperature", 1.0)) and all(
+        h.get("temperature") is None or positive(h["temperature"]) for h in per_head.values())
 
 
 def _expected_input_shape(declared: list, image_size: int) -> tuple:

@@ -3,8 +3,9 @@
     app = create_app(Classifier.load("model.onnx"), Limits(workers=2))
 
 ``POST /v1/predict`` (multipart field ``image``, or raw bytes sent as ``image/*``) and ``POST
-/v1/predict/batch`` (multipart, several ``images``) return the Classifier's results as JSON; ``GET
-/v1/model`` describes the model (classes, preprocessing, calibration, model card); ``GET /healthz``; ``GET /``
+/v1/predict/batch`` (multipart, several ``images``) return the Classifier's results as JSON (with each face's
+gender and age group when the model has those heads); ``GET /v1/model`` describes the model (heads and
+classes, preprocessing, calibration, model card); ``GET /healthz``; ``GET /``
 is the web page; ``GET /docs`` an offline page generated from ``/openapi.json`` (FastAPI's own docs page
 loads Swagger UI from a CDN, so it is switched off).
 
@@ -151,8 +152,14 @@ def abstention_threshold(classifier: Classifier, abstain: bool | None) -> float 
     return threshold
 
 
+def classes_json(classifier: Classifier) -> dict:
+    """The race classes of every response; for a model with gender / age-group heads, those heads' too."""
+    heads = classifier.heads_description()
+    return {"classes": list(classifier.classes), **({"heads": heads} if heads else {})}
+
+
 def result_json(result: ImagePrediction, threshold: float | None) -> dict:
-    for face in result.faces:  # relabelled per request: the classifier itself is shared
+    for face in result.faces:  # relabelled per request: the classifier itself is shared; only race abstains
         face.label = UNCERTAIN if threshold is not None and face.confidence < threshold else face.top_label
     return result.to_dict()
 
@@ -174,6 +181,7 @@ def model_description(classifier: Classifier, limits: Limits, card: str | None) 
     info = {k: v for k, v in p.info.items() if k != "path"}  # the server's paths are not the client's business
     return json.loads(json.dumps({
         "name": p.name, "kind": p.kind, "classes": list(classifier.classes), "taxonomy": p.taxonomy.name,
+        "heads": {"race": {"classes": list(classifier.classes)}, **classifier.heads_description()},
         "preprocessing": p.preprocessing.to_dict(), "calibration": p.calibration,
         "abstention_threshold": p.abstention_threshold, "min_confidence": classifier.min_confidence,
         "detect": classifier.detect, "info": info, "limits": asdict(limits), "model_card": card, "note": NOTE,
@@ -258,13 +266,14 @@ def create_app(classifier: Classifier, limits: Limits | None = None, *, model_ca
         return JSONResponse({"error": e.code, "detail": e.detail}, status_code=e.status)
 
     @app.post("/v1/predict", summary="faces in one image", openapi_extra=PREDICT_DOC, responses=_ERRORS,
-              description="Boxes, landmarks, labels, confidences and probabilities of each face.")
+              description="Boxes, landmarks, labels, confidences and probabilities of each face (and its gender "
+                          "and age group, when the model has those heads).")
     async def predict(request: Request, abstain: bool | None = ABSTAIN) -> JSONResponse:
         threshold = abstention_threshold(classifier, abstain)
         with admitted():
             name, data = await single_upload(request, limits)
             [result] = await infer(predict_files, [(name, data)], True)
-        return JSONResponse({"classes": list(classifier.classes), "abstention_threshold": threshold,
+        return JSONResponse({**classes_json(classifier), "abstention_threshold": threshold,
                              **result_json(result, threshold)})
 
     @app.post("/v1/predict/batch", summary=f"faces in up to {limits.max_batch} images", responses=_ERRORS,
@@ -275,10 +284,10 @@ def create_app(classifier: Classifier, limits: Limits | None = None, *, model_ca
         with admitted():
             files = await batch_uploads(request, limits)
             results = await infer(predict_files, files, False)
-        return JSONResponse({"classes": list(classifier.classes), "abstention_threshold": threshold,
+        return JSONResponse({**classes_json(classifier), "abstention_threshold": threshold,
                              "results": [result_json(r, threshold) for r in results]})
 
-    @app.get("/v1/model", summary="the model: classes, taxonomy, preprocessing, calibration, model card")
+    @app.get("/v1/model", summary="the model: heads and classes, taxonomy, preprocessing, calibration, model card")
     async def model() -> JSONResponse:
         return JSONResponse(model_description(classifier, limits, card))
 

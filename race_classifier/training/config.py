@@ -26,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "labels are then mapped (e.g. fairface7 -> seed5)")
     g.add_argument("--label_map", help="YAML of 'source class: target class' (null drops the class)")
     g.add_argument("--cache_dir", help="build/use a pre-resized uint8 memory-mapped copy of the images here")
+    g.add_argument("--shards", default="auto",
+                   help="prepared shards to read images from (prepare --shards): auto uses shards/<image_size>/ "
+                        "beside --train_txt when present; none reads the image files; or a shard set's folder")
+    g.add_argument("--source_weights",
+                   help="a mix's share of each epoch's draws per source: a YAML file of 'source: weight' or "
+                        "'a=0.5,b=0.5' (default: source_weights.yaml beside --train_txt, as prepare mix writes; none: draw by size)")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="torchvision:mobilenet_v2",
@@ -107,6 +113,11 @@ def resolve(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse
     if not args.taxonomy:
         beside = Path(args.train_txt).resolve().parent / "classes.txt"
         args.taxonomy = str(beside) if beside.is_file() else "seed5"
+    if args.source_weights is not None and args.source_weights.lower() == "none":
+        args.source_weights = None
+    elif not args.source_weights:
+        beside = Path(args.train_txt).resolve().parent / "source_weights.yaml"
+        args.source_weights = str(beside) if beside.is_file() else None
     for name in ("batch_size", "num_epochs", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -128,12 +128,15 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None,
              heads: HeadLayout, desc: str = "val",
-             memory_format: torch.memory_format = torch.contiguous_format) -> dict:
+             memory_format: torch.memory_format = torch.contiguous_format,
+             sources: Sequence[str] | None = None) -> dict:
     """Race accuracy and per-class accuracy over ``loader`` (summarize's keys), ``loss`` (the sum over heads
-    of each head's mean plain cross-entropy), and ``heads``: the same summary for every other head."""
+    of each head's mean plain cross-entropy), and ``heads``: the same summary for every other head.
+    ``sources`` (each dataset item's source, in a mix): ``sources`` in the result is the race accuracy per
+    source, over its readable, race-labelled images (None for a source with none)."""
     model.eval()
     slices = list(heads.slices().values())
-    all_logits, all_targets, failures = [], [], {}
+    all_logits, all_targets, all_indices, failures = [], [], [], {}
     for batch in tqdm(loader, desc=desc, leave=False, disable=None, unit="batch"):
         failures.update(batch["failures"])
         if batch["images"] is None:
@@ -142,6 +145,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
         with autocast(device, amp_dtype):
             all_logits.append(model(images).float().cpu())
         all_targets.append(batch["targets"])
+        all_indices.append(batch["indices"])
     logits = torch.cat(all_logits) if all_logits else torch.zeros(0, heads.num_outputs)
     targets = torch.cat(all_targets) if all_targets else torch.zeros(0, len(slices), dtype=torch.long)
     summaries, loss = [], 0.0
@@ -154,4 +158,18 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     result["loss"] = loss if len(targets) else float("nan")
     result["heads"] = {head.name: summary for head, summary in zip(heads.extra, summaries[1:])}
     result["failures"] = failures
+    if sources is not None:
+        indices = torch.cat(all_indices) if all_indices else torch.zeros(0, dtype=torch.long)
+        result["sources"] = _accuracy_by_source(logits[:, slices[0]].argmax(1), targets[:, 0], indices, sources)
     return result
+
+
+def _accuracy_by_source(predicted: torch.Tensor, truth: torch.Tensor, indices: torch.Tensor,
+                        sources: Sequence[str]) -> dict[str, float | None]:
+    names = list(dict.fromkeys(s for s in sources if s))
+    right, count = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+    for p, y, i in zip(predicted.tolist(), truth.tolist(), indices.tolist()):
+        if y >= 0 and sources[i]:
+            right[sources[i]] += p == y
+            count[sources[i]] += 1
+    return {n: right[n] / count[n] if count[n] else None for n in names}

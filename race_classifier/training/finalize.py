@@ -5,7 +5,9 @@ checkpoints trained before it existed):
 
 1. scores the validation set with best.pt, keeping the raw logits;
 2. fits a temperature (``evaluation.calibration.fit_temperature``) and an abstention threshold answering
-   ``coverage`` of the validation faces;
+   ``coverage`` of the validation faces; a model with gender/age heads gets a temperature per head too,
+   under ``calibration["heads"][name]``, each fitted on the images labelled for that head (the threshold
+   stays race-only);
 3. stores them in best.pt under ``calibration`` (re-saved atomically, every other key kept; last.pt is
    never touched, so ``--resume`` works as before);
 4. writes MODEL_CARD.md beside the checkpoint (Mitchell et al. 2019), filled from the run's own figures.
@@ -27,6 +29,7 @@ if TYPE_CHECKING:  # the CLI parser imports this module for every subcommand: he
     import torch
 
     from race_classifier.data.manifest import Sample
+    from race_classifier.heads import HeadLayout
     from race_classifier.labels import Taxonomy
 
 log = logging.getLogger("race_classifier.calibrate")
@@ -66,6 +69,23 @@ def calibrate_logits(logits: np.ndarray, labels: np.ndarray, coverage: float = D
     }
 
 
+def calibrate_head(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """A gender or age head's temperature, with ECE and NLL before and after, from its labelled rows."""
+    import numpy as np
+
+    from race_classifier.evaluation.calibration import fit_temperature, nll, softmax
+    from race_classifier.evaluation.metrics import expected_calibration_error
+    logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
+    temperature = fit_temperature(logits, labels)
+    before, after = softmax(logits), softmax(logits, temperature)
+    correct = (before.argmax(1) == labels).astype(float)
+    return {"temperature": temperature,
+            "ece_before": expected_calibration_error(before.max(1), correct)[0],
+            "ece_after": expected_calibration_error(after.max(1), correct)[0],
+            "nll_before": nll(logits, labels), "nll_after": nll(logits, labels, temperature),
+            "n": int(len(labels))}
+
+
 def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: str | Path,
                  train_samples: list[Sample] | None = None, train_txt: str | Path | None = None,
                  coverage: float = DEFAULT_COVERAGE, batch_size: int = 64, workers: int = 0,
@@ -80,6 +100,7 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
     from race_classifier.evaluation.formatting import fmt_pct
     from race_classifier.evaluation.metrics import evaluate_predictions
     from race_classifier.evaluation.runner import predict_logits, predictions_table
+    from race_classifier.heads import targets_tensor
     from race_classifier.models.checkpoint import load_checkpoint
     from race_classifier.models.loaders import load_predictor
     from race_classifier.utils import atomic_torch_save, atomic_write_text
@@ -89,14 +110,29 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
         return None
     ckpt = load_checkpoint(best_path)
     predictor = load_predictor(best_path, device=device)
-    logits, errors = predict_logits(predictor, val_samples, batch_size, workers, desc="calibrating")
-    labels = np.array([s.label for s in val_samples], dtype=np.int64)
+    heads = predictor.heads
+    logits, errors = predict_logits(predictor, val_samples, batch_size, workers, desc="calibrating", all_heads=True)
     ok = ~np.isnan(logits).any(axis=1)
-    if not ok.any():
-        log.warning("no readable validation image: %s is not calibrated, no model card written", best_path)
+    parts = heads.split(logits)
+    # Multi-task validation sets keep images without a race label (-1) for the other heads.
+    labels = np.array([s.label for s in val_samples], dtype=np.int64)
+    race_rows = ok & (labels >= 0)
+    if not race_rows.any():
+        log.warning("no readable race-labelled validation image: %s is not calibrated, no model card written",
+                    best_path)
         return None
-    calibration = calibrate_logits(logits[ok], labels[ok], coverage)
-    calibration.update(fitted_on=str(val_txt), n=int(ok.sum()))
+    calibration = calibrate_logits(parts["race"][race_rows], labels[race_rows], coverage)
+    calibration.update(fitted_on=str(val_txt), n=int(race_rows.sum()))
+    head_truth = {}
+    if heads.extra:
+        head_truth = dict(zip(heads.names[1:], targets_tensor(heads, val_samples, str(val_txt)).numpy()[:, 1:].T))
+        calibration["heads"] = {}
+        for head in heads.extra:
+            rows = ok & (head_truth[head.name] >= 0)
+            if not rows.any():
+                log.warning("no validation image labelled for the %s head: its temperature stays 1", head.name)
+                continue
+            calibration["heads"][head.name] = calibrate_head(parts[head.name][rows], head_truth[head.name][rows])
     ckpt["calibration"] = calibration
     atomic_torch_save(ckpt, best_path)
     a = calibration["abstention"]
@@ -104,15 +140,25 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
           f"{calibration['temperature']:.3f}, ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}; "
           f"abstention threshold {a['threshold']:.4f} answers {100 * a['coverage']:.1f}% "
           f"(accuracy {fmt_pct(a['accuracy_at_coverage'], 2)} vs {fmt_pct(a['accuracy_all'], 2)} on all)", flush=True)
+    for name, c in calibration.get("heads", {}).items():
+        print(f"  {name} head on {c['n']} images: temperature {c['temperature']:.3f}, "
+              f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}", flush=True)
 
     if model_card:
-        probs = np.full(logits.shape, np.nan)
-        probs[ok] = softmax(logits[ok], calibration["temperature"])
-        table = predictions_table(val_samples, probs, errors, predictor.taxonomy.num_classes)
-        evaluation = evaluate_predictions(table, list(predictor.taxonomy.classes), n_boot=n_boot, seed=seed)
+        def calibrated(name: str, temperature: float) -> np.ndarray:
+            probs = np.full(parts[name].shape, np.nan)
+            probs[ok] = softmax(parts[name][ok], temperature)
+            return probs
+
+        head_temperatures = {n: c["temperature"] for n, c in calibration.get("heads", {}).items()}
+        head_probs = {h.name: calibrated(h.name, head_temperatures.get(h.name, 1.0)) for h in heads.extra}
+        table = predictions_table(val_samples, calibrated("race", calibration["temperature"]), errors,
+                                  predictor.taxonomy.num_classes, heads, head_probs, str(val_txt))
+        evaluation = evaluate_predictions(table, list(predictor.taxonomy.classes), n_boot=n_boot, seed=seed,
+                                          heads={h.name: list(h.classes) for h in heads.extra})
         card = render_model_card(ckpt, evaluation, calibration, predictor.taxonomy, val_samples=val_samples,
                                  val_txt=val_txt, train_samples=train_samples, train_txt=train_txt,
-                                 checkpoint=best_path, epochs_run=epochs_run)
+                                 checkpoint=best_path, epochs_run=epochs_run, heads=heads)
         atomic_write_text(best_path.parent / MODEL_CARD, card)
         print(f"Model card: {best_path.parent / MODEL_CARD}", flush=True)
     return calibration
@@ -123,13 +169,16 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
 def _counts(samples: list[Sample] | None, taxonomy: Taxonomy) -> list[int] | None:
     if samples is None:
         return None
-    counts = Counter(s.label for s in samples)
+    counts = Counter(s.label for s in samples)  # -1 (no race label) is not a class: not counted
     return [counts.get(i, 0) for i in range(taxonomy.num_classes)]
 
 
 def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy: Taxonomy, *,
                       val_samples: list[Sample], val_txt, train_samples: list[Sample] | None = None,
-                      train_txt=None, checkpoint: Path | None = None, epochs_run: int | None = None) -> str:
+                      train_txt=None, checkpoint: Path | None = None, epochs_run: int | None = None,
+                      heads: HeadLayout | None = None) -> str:
+    """The card's markdown. ``heads``: the model's layout; its gender/age heads get their own figures
+    (``evaluation["heads"]``, ``calibration["heads"]``) and caveats."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
     from race_classifier.evaluation.formatting import fmt_interval, fmt_num, fmt_pct
@@ -157,7 +206,9 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
         "seed": train_args.get("seed"),
         "best_metric": train_args.get("best_metric"),
         "evaluation": evaluation,
-        "subgroups": {dim: evaluation["subgroups"].get(dim) or [] for dim in ("gender", "age")},
+        "subgroups": {dim: evaluation["subgroups"].get(dim) or [] for dim in ("gender", "age", "age_group")},
+        "heads": _card_heads(heads, evaluation, calibration, val_samples, train_samples),
+        "age_bins": heads.age_bins.describe() if heads is not None and heads.age_bins else None,
         "calibration": calibration,
         "abstention": calibration.get("abstention") or {},
         "train_txt": str(train_txt or train_args.get("train_txt") or "n/a"),
@@ -166,8 +217,46 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
                          for i, c in enumerate(taxonomy.classes)],
         "n_train": len(train_samples) if train_samples is not None else "n/a",
         "n_val": len(val_samples),
+        "n_val_unlabelled": sum(s.label < 0 for s in val_samples),
+        "n_train_unlabelled": sum(s.label < 0 for s in train_samples or ()),
     }
     return env.get_template(CARD_TEMPLATE).render(**context)
+
+
+def _range_rule(bins) -> str:
+    """What the range rule does to FairFace's 10-19 in these groups, for the card's caveat."""
+    group = bins.index("10-19")
+    if group is None:
+        return "FairFace's 10-19 range is split evenly between two groups and left unlabelled"
+    name, lower = bins.names[group], bins.lower[group]
+    text = f"FairFace's 10-19 range is counted as {name}"
+    if lower > 10:
+        text += f", so 10-{lower - 1}-year-olds are counted as {name}"
+    elif group + 1 < len(bins.lower) and bins.lower[group + 1] <= 19:
+        text += f", so {bins.lower[group + 1]}-19-year-olds are counted as {name}"
+    return text
+
+
+def _card_heads(heads: HeadLayout | None, evaluation: dict, calibration: dict, val_samples, train_samples) -> list[dict]:
+    """Per extra head: its title, classes, figures, calibration and label counts for the card."""
+    if heads is None or not heads.extra:
+        return []
+    from race_classifier.heads import targets_tensor
+    out = []
+    for i, head in enumerate(heads.extra, 1):
+        counts = {}
+        for split, samples in (("val", val_samples), ("train", train_samples)):
+            if samples is None:
+                counts[split] = ["n/a"] * len(head.classes)
+                continue
+            column = targets_tensor(heads, samples, f"{split} manifest").numpy()[:, i]
+            counts[split] = [int((column == k).sum()) for k in range(len(head.classes))]
+        out.append({"name": head.name, "range_rule": _range_rule(heads.age_bins) if head.name == "age" else "", "title": {"gender": "Gender", "age": "Age group"}.get(head.name, head.name),
+                    "classes": list(head.classes), "evaluation": evaluation["heads"].get(head.name),
+                    "calibration": (calibration.get("heads") or {}).get(head.name),
+                    "counts": [{"name": c, "train": counts["train"][k], "val": counts["val"][k]}
+                               for k, c in enumerate(head.classes)]})
+    return out
 
 
 # --- race-classifier calibrate ----------------------------------------------------------------------------
@@ -208,11 +297,13 @@ def run(args: argparse.Namespace) -> int:
     if source_spec or label_map:
         source = get_taxonomy(source_spec) if source_spec else taxonomy
         mapping = get_mapping(source, taxonomy, load_label_map(label_map) if label_map else None)
-    val_samples = read_manifest(args.val_txt, taxonomy, mapping, check_files=False)
+    # A model with gender/age heads keeps images without a race label: they calibrate those heads.
+    multi = bool(ckpt.get("heads"))
+    val_samples = read_manifest(args.val_txt, taxonomy, mapping, check_files=False, keep_unlabelled=multi)
     train_txt = args.train_txt or train_args.get("train_txt")
     train_samples = None
     if train_txt and Path(train_txt).is_file():
-        train_samples = read_manifest(train_txt, taxonomy, mapping, check_files=False)
+        train_samples = read_manifest(train_txt, taxonomy, mapping, check_files=False, keep_unlabelled=multi)
     elif train_txt:
         log.warning("training manifest %s not found: the model card gives no training counts", train_txt)
         train_txt = None

@@ -18,6 +18,11 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
 
 
+def source_key(source: str) -> str:
+    """'utkface' -> 'val_utkface_accuracy'."""
+    return f"val_{source}_accuracy"
+
+
 HEAD_TITLES = {"gender": "Gender", "age": "Age group"}
 
 
@@ -25,7 +30,8 @@ def epoch_row(epoch: int, train_loss: float, train_acc: float | None, val: dict,
               lr: float, epoch_time: float, skipped: int, heads=None, train_head_acc: dict | None = None) -> dict:
     """``heads``: the HeadLayout when the model has heads besides race; their figures get columns
     ``train_<head>_accuracy``, ``val_<head>_accuracy``, ``val_<head>_balanced_accuracy`` and
-    ``val_<head>_<class>_accuracy`` after the race columns."""
+    ``val_<head>_<class>_accuracy`` after the race columns. ``val["sources"]`` (a mix's per-source race
+    accuracy, from ``evaluate``) gets a ``val_<source>_accuracy`` column per source after the race classes."""
     present = [a for a in val["per_class_accuracy"] if a is not None]
     row = {
         "epoch": epoch,
@@ -38,6 +44,8 @@ def epoch_row(epoch: int, train_loss: float, train_acc: float | None, val: dict,
     }
     for name, acc in zip(classes, val["per_class_accuracy"]):
         row[class_key(name)] = acc
+    for source, acc in (val.get("sources") or {}).items():
+        row[source_key(source)] = acc
     for head in heads.extra if heads is not None else ():
         summary = val["heads"][head.name]
         row[f"train_{head.name}_accuracy"] = (train_head_acc or {}).get(head.name)
@@ -49,7 +57,7 @@ def epoch_row(epoch: int, train_loss: float, train_acc: float | None, val: dict,
     return row
 
 
-def format_epoch(row: dict, num_epochs: int, classes: list[str], heads=None) -> str:
+def format_epoch(row: dict, num_epochs: int, classes: list[str], heads=None, sources: list[str] | None = None) -> str:
     lines = [
         f"Epoch {row['epoch']}/{num_epochs} | Train Loss: {row['train_loss']:.4f}, "
         f"Train Accuracy: {_pct(row['train_accuracy'])} | Val Loss: {row['val_loss']:.4f}, "
@@ -59,6 +67,9 @@ def format_epoch(row: dict, num_epochs: int, classes: list[str], heads=None) -> 
     for name in classes:
         acc = row[class_key(name)]
         lines.append(f" - {class_key(name)}: {_pct(acc)}" + (" (no validation images)" if acc is None else ""))
+    if sources:
+        lines.append("Source-wise accuracies:")
+        lines += [f" - {source_key(s)}: {_pct(row[source_key(s)])}" for s in sources]
     for head in heads.extra if heads is not None else ():
         lines.append(f"{HEAD_TITLES.get(head.name, head.name)}: Train Accuracy: "
                      f"{_pct(row[f'train_{head.name}_accuracy'])} | Val Accuracy: {_pct(row[f'val_{head.name}_accuracy'])}")

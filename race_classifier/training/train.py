@@ -31,7 +31,10 @@ from torch.utils.data import DataLoader
 from race_classifier.data.cache import ImageCache, cache_size_for
 from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
 from race_classifier.data.manifest import read_manifest
-from race_classifier.data.sampler import EpochSampler, class_balanced_weights, group_balanced_weights
+from race_classifier.data.mix import read_source_weights
+from race_classifier.data.sampler import (EpochSampler, class_balanced_weights, group_balanced_weights,
+                                          source_weighted)
+from race_classifier.data.shards import find_shards
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augmentation, Preprocessing, build_transform
 from race_classifier.heads import AgeBins, HeadLayout, gender_classes, targets_tensor
 from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
@@ -123,20 +126,13 @@ class Trainer:
         self.preprocessing = Preprocessing(image_size=args.image_size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
                                            std=tuple(cfg.get("std", IMAGENET_STD)))
         aug = Augmentation(hflip=args.hflip, scale=(args.scale_min, 1.0), color_jitter=args.color_jitter)
-        train_cache = val_cache = None
-        if args.cache_dir:
-            size = cache_size_for(args.image_size)
-            if not world.main:  # rank 0 builds the cache; the others then load it
-                world.barrier()
-            train_cache = ImageCache.build_or_load(self.train_samples, size, args.cache_dir, args.workers)
-            val_cache = ImageCache.build_or_load(self.val_samples, size, args.cache_dir, args.workers)
-            if world.main:
-                world.barrier()
+        train_cache, val_cache = self._image_caches()
         self.train_set = FaceDataset(self.train_samples, build_transform(self.preprocessing, True, aug),
                                      train_cache, draft_size=args.image_size, targets=self.train_targets)
         self.val_set = FaceDataset(self.val_samples, build_transform(self.preprocessing, False),
                                    val_cache, draft_size=args.image_size, targets=self.val_targets)
 
+        self.val_sources = self._validation_sources()
         self.sampler = EpochSampler(len(self.train_set), args.seed, rank=world.rank, world_size=world.size,
                                     weights=self._sampling_weights(self.train_set.labels))
         per_rank = self.sampler.shard_size
@@ -164,17 +160,65 @@ class Trainer:
         self.start_epoch, self.global_step, self.history = 0, 0, []
         self.progress, self.elapsed = EpochProgress.empty(len(self.heads.heads)), 0.0
 
+    def _image_caches(self) -> tuple[ImageCache | None, ImageCache | None]:
+        """(train, val) pre-resized images: --cache_dir (built here), else prepared shards (--shards), else none."""
+        args, world = self.args, self.world
+        if args.cache_dir:
+            size = cache_size_for(args.image_size)
+            if not world.main:  # rank 0 builds the cache; the others then load it
+                world.barrier()
+            train_cache = ImageCache.build_or_load(self.train_samples, size, args.cache_dir, args.workers)
+            val_cache = ImageCache.build_or_load(self.val_samples, size, args.cache_dir, args.workers)
+            if world.main:
+                world.barrier()
+            return train_cache, val_cache
+        root = find_shards(args.shards, args.train_txt, args.image_size)
+        if root is None:
+            return None, None
+        shards = ImageCache.open(root)
+        log.info("reading images from the prepared shards in %s (%d px)", root, shards.size)
+        return shards.for_samples(self.train_samples), shards.for_samples(self.val_samples)
+
     def _sampling_weights(self, labels: list[int]) -> torch.Tensor | None:
-        """Per-sample draw weights for --balance sampler (classes) or group (race x gender cells)."""
-        if self.args.balance == "sampler":
-            return class_balanced_weights(labels, self.taxonomy.num_classes)
-        if self.args.balance != "group":
+        """Per-sample draw weights for --balance sampler (classes) or group (race x gender cells), and in a
+        mix with --source_weights, each source's share of the draws (the balance mode applied within it)."""
+        def balance(indices: list[int]) -> torch.Tensor | None:
+            subset = [labels[i] for i in indices]
+            if self.args.balance == "sampler":
+                return class_balanced_weights(subset, self.taxonomy.num_classes)
+            if self.args.balance == "group":
+                return group_balanced_weights(subset, [self.train_samples[i].gender for i in indices])
             return None
-        genders = [s.gender for s in self.train_samples]
-        if not any(genders):
+
+        if self.args.balance == "group" and not any(s.gender for s in self.train_samples):
             log.warning("--balance group: the training manifest has no gender column, so every class is one "
                         "cell and this is class-balanced sampling")
-        return group_balanced_weights(labels, genders)
+        if not self.args.source_weights:
+            return balance(list(range(len(labels))))
+        shares = read_source_weights(self.args.source_weights)
+        present = {s.source for s in self.train_samples}
+        absent = [n for n in shares if n not in present]
+        if absent:
+            log.warning("--source_weights names source(s) the training manifest does not have: %s", ", ".join(absent))
+        try:
+            weights = source_weighted([s.source for s in self.train_samples], shares, balance)
+        except ValueError as e:
+            raise TrainingError(f"{self.args.train_txt}: {e}") from None
+        total = sum(shares[n] for n in present)
+        log.info("sampling by source: %s", ", ".join(f"{n} {shares[n] / total:.1%}" for n in sorted(present)))
+        return weights
+
+    def _validation_sources(self) -> list[str] | None:
+        """The validation manifest's sources when it has more than one (a mix): each gets its accuracy logged."""
+        names = list(dict.fromkeys(s.source for s in self.val_samples if s.source))
+        if len(names) < 2:
+            return None
+        taken = {"balanced", "worst_class"} | {h.name for h in self.heads.extra}
+        for name in names:
+            if name in taken or any(name.startswith(f"{h.name}_") for h in self.heads.extra):
+                raise TrainingError(f"{self.args.val_txt}: source name {name!r} would clash with the log column "
+                                    f"of another figure (val_{name}_accuracy); rename the source")
+        return names
 
     def _warn_about_class_coverage(self) -> None:
         for name, samples in (("training", self.train_samples), ("validation", self.val_samples)):
@@ -335,7 +379,8 @@ class Trainer:
             val = None
             if self.world.main:  # the unwrapped model: no collectives while the other ranks wait
                 val = evaluate(self.model, self.val_loader, self.device, self.amp_dtype, self.heads,
-                               memory_format=self.memory_format)
+                               memory_format=self.memory_format,
+                               sources=[s.source for s in self.val_samples] if self.val_sources else None)
             val = self.world.broadcast(val)
             p = self._epoch_progress()
             row = epoch_row(epoch + 1, p.loss_sum / p.seen if p.seen else float("nan"),
@@ -353,7 +398,7 @@ class Trainer:
             self.save_last(epoch + 1, in_progress=False)
             if self.world.main:
                 append_csv_row(args.log_file, row)
-            print(format_epoch(row, args.num_epochs, self.classes, self.heads), flush=True)
+            print(format_epoch(row, args.num_epochs, self.classes, self.heads, self.val_sources), flush=True)
             self._report_skipped(p.failures, self.train_samples, epoch + 1)
             self._report_skipped(val["failures"], self.val_samples, epoch + 1)
         if args.patience and self._epochs_since_best(best_metric) >= args.patience:
