@@ -59,12 +59,11 @@ def test_bench_compares_given_models_with_heads_refits_and_another_taxonomy(benc
     """Race-only next to multi-task (with its head accuracies), last-layer refits beside each, and a
     re-ordered taxonomy that must score exactly the same."""
     from race_classifier.training.train import main as train_main
-    from conftest import train_args
-    from test_heads import _with_gender_and_age
+    from conftest import train_args, with_gender_and_age
     data = tmp_path / "mt"
     data.mkdir()
     for name in ("train.txt", "val.txt"):
-        _with_gender_and_age(manifests / name, data / name)
+        with_gender_and_age(manifests / name, data / name)
     (data / "classes.txt").write_text((manifests / "classes.txt").read_text())
     race_only, multitask = tmp_path / "race", tmp_path / "multi"
     assert train_main(train_args(data, race_only, "--num_epochs", "1")) == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from race_classifier.models.checkpoint import load_model
 from race_classifier.training.engine import MultiHeadLoss
 from race_classifier.training.train import main as train_main
 
-from conftest import train_args
+from conftest import train_args, with_gender_and_age
 
 BINS = AgeBins.parse()
 
@@ -79,29 +78,11 @@ def test_a_sample_trains_only_the_heads_it_is_labelled_for():
     assert torch.isfinite(MultiHeadLoss(list(layout.slices().values()))(logits, torch.full((3, 3), -1)))
 
 
-def _with_gender_and_age(src: Path, dst: Path, drop_race_every: int = 0) -> None:
-    """Copy a manifest adding gender (from the pattern, so it is learnable) and FairFace-style ages;
-    every few lines lose a label."""
-    lines = []
-    for i, line in enumerate(l for l in src.read_text().splitlines() if l and not l.startswith("#")):
-        path, label = line.split("\t")[:2]
-        gender = "Male" if PATTERNS.index(label) % 2 == 0 else "Female"
-        age = ["3-9", "10-19", "20-29", "more than 70"][PATTERNS.index(label)]
-        if i % 5 == 1:
-            age = ""
-        if i % 7 == 2:
-            gender = ""
-        if drop_race_every and i % drop_race_every == 3:
-            label = "-"
-        lines.append(f"{path}\t{label}\t{gender}\t{age}")
-    dst.write_text("\n".join(lines) + "\n")
-
-
 def test_multitask_training_run(manifests, tmp_path, capsys):
     data = tmp_path / "mt"
     data.mkdir()
-    _with_gender_and_age(manifests / "train.txt", data / "train.txt", drop_race_every=6)
-    _with_gender_and_age(manifests / "val.txt", data / "val.txt")
+    with_gender_and_age(manifests / "train.txt", data / "train.txt", drop_race_every=6)
+    with_gender_and_age(manifests / "val.txt", data / "val.txt")
     (data / "classes.txt").write_text((manifests / "classes.txt").read_text())
     run = tmp_path / "run"
     assert train_main(train_args(data, run, "--num_epochs", "2", "--heads", "race,gender,age")) == 0
@@ -134,7 +115,7 @@ def test_multitask_resume_refuses_other_heads(manifests, tmp_path):
     data = tmp_path / "mt"
     data.mkdir()
     for name in ("train.txt", "val.txt"):
-        _with_gender_and_age(manifests / name, data / name)
+        with_gender_and_age(manifests / name, data / name)
     (data / "classes.txt").write_text((manifests / "classes.txt").read_text())
     run = tmp_path / "run"
     assert train_main(train_args(data, run, "--num_epochs", "1", "--heads", "race,gender")) == 0

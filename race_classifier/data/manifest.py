@@ -16,6 +16,8 @@ Every problem is reported with the manifest's file name and line number.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,39 +73,27 @@ def read_manifest(path: str | Path, taxonomy: Taxonomy, mapping: LabelMapping | 
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
-    base = path.resolve().parent
     samples: list[Sample] = []
     missing: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, 1):
-            try:
-                parsed = parse_line(text)
-            except ManifestError as e:
-                raise ManifestError(f"{path}:{lineno}: {e}: {text.strip()!r}") from None
-            if parsed is None:
-                continue
-            image, label, extras = parsed
-            try:
-                if keep_unlabelled and label.strip().lower() in UNKNOWN_VALUES:
+    for lineno, image_path, label, extras in iter_manifest(path):
+        try:
+            if keep_unlabelled and label.strip().lower() in UNKNOWN_VALUES:
+                index = -1
+            elif mapping is not None:
+                index = mapping.map_label(label)
+                if index is None:
+                    if not keep_unlabelled:
+                        continue
                     index = -1
-                elif mapping is not None:
-                    index = mapping.map_label(label)
-                    if index is None:
-                        if not keep_unlabelled:
-                            continue
-                        index = -1
-                else:
-                    index = taxonomy.index(label)
-            except UnknownLabelError as e:
-                raise ManifestError(f"{path}:{lineno}: {e}") from None
-            image_path = Path(image).expanduser()
-            if not image_path.is_absolute():
-                image_path = base / image_path
-            if check_files and not image_path.is_file():
-                missing.append(f"{path}:{lineno}: {image_path}")
-                continue
-            samples.append(Sample(str(image_path), index, extras.get("gender", ""), extras.get("age", ""), lineno,
-                                  extras.get("source", "")))
+            else:
+                index = taxonomy.index(label)
+        except UnknownLabelError as e:
+            raise ManifestError(f"{path}:{lineno}: {e}") from None
+        if check_files and not os.path.isfile(image_path):
+            missing.append(f"{path}:{lineno}: {image_path}")
+            continue
+        samples.append(Sample(image_path, index, extras.get("gender", ""), extras.get("age", ""), lineno,
+                              extras.get("source", "")))
     if missing:
         # One missing file must not end a long run: report every one, by line, and go on without it.
         shown = "\n  ".join(missing[:20])
@@ -114,11 +104,11 @@ def read_manifest(path: str | Path, taxonomy: Taxonomy, mapping: LabelMapping | 
     return samples
 
 
-def manifest_image_paths(path: str | Path) -> list[str]:
-    """The image paths a manifest lists, resolved as ``read_manifest`` does, labels unread."""
+def iter_manifest(path: str | Path) -> Iterator[tuple[int, str, str, dict[str, str]]]:
+    """(line number, image path, label, extra columns) of each entry of a manifest, the path resolved
+    against the manifest's folder; a malformed line raises ManifestError naming the file and line."""
     path = Path(path)
     base = path.resolve().parent
-    images = []
     with open(path, encoding="utf-8") as f:
         for lineno, text in enumerate(f, 1):
             try:
@@ -126,9 +116,14 @@ def manifest_image_paths(path: str | Path) -> list[str]:
             except ManifestError as e:
                 raise ManifestError(f"{path}:{lineno}: {e}: {text.strip()!r}") from None
             if parsed is not None:
-                image = Path(parsed[0]).expanduser()
-                images.append(str(image if image.is_absolute() else base / image))
-    return images
+                image, label, extras = parsed
+                image_path = Path(image).expanduser()
+                yield lineno, str(image_path if image_path.is_absolute() else base / image_path), label, extras
+
+
+def manifest_image_paths(path: str | Path) -> list[str]:
+    """The image paths a manifest lists, resolved as ``read_manifest`` does, labels unread."""
+    return [image for _, image, _, _ in iter_manifest(path)]
 
 
 def format_sample(path: str, label: str, gender: str = "", age: str = "", source: str = "") -> str:

@@ -321,33 +321,27 @@ def scan_utkface(folder: str | Path) -> tuple[list[Record], list[str]]:
 def read_manifest_records(manifest: str | Path, taxonomy: Taxonomy | str) -> list[Record]:
     """Records of an existing manifest, labels checked against ``taxonomy`` (not mapped). A manifest has no
     identities, so each image is its own; gender and age columns are kept; missing images are skipped."""
-    from race_classifier.data.manifest import ManifestError, parse_line
+    from race_classifier.data.manifest import ManifestError, iter_manifest
     manifest = Path(manifest)
     if not manifest.is_file():
         raise PrepareError(f"manifest not found: {manifest}")
     taxonomy = get_taxonomy(taxonomy)
-    base = manifest.resolve().parent
     records: list[Record] = []
     missing: list[str] = []
-    with open(manifest, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, 1):
-            try:
-                parsed = parse_line(text)
-            except ManifestError as e:
-                raise PrepareError(f"{manifest}:{lineno}: {e}") from None
-            if parsed is None:
-                continue
-            image, label, extras = parsed
+    try:
+        for lineno, path, label, extras in iter_manifest(manifest):
             try:
                 taxonomy.index(label)
             except UnknownLabelError as e:
                 raise PrepareError(f"{manifest}:{lineno}: {e}") from None
-            path = os.path.abspath(base / Path(image).expanduser())
+            path = os.path.abspath(path)
             if not os.path.isfile(path):
                 missing.append(f"{manifest}:{lineno}: {path}")
                 continue
             records.append(Record(path, label, identity=path, gender=extras.get("gender", ""),
                                   age=extras.get("age", "")))
+    except ManifestError as e:
+        raise PrepareError(str(e)) from None
     if missing:
         _warn_list(f"skipping {len(missing)} image(s) listed in {manifest} that do not exist", missing)
     if not records:
