@@ -5,6 +5,7 @@ function drops it from the batch and hands it on, and the trainer counts and lis
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -12,6 +13,7 @@ from torch.utils.data import Dataset
 
 from race_classifier.data.image_io import ImageLoadError, load_rgb
 from race_classifier.data.manifest import Sample
+from race_classifier.training.rng import seeded
 
 
 class FaceDataset(Dataset):
@@ -38,9 +40,14 @@ class FaceDataset(Dataset):
             return self.cache.get(index)
         return load_rgb(self.samples[index].path, draft_size=self.draft_size)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key``: an index, or an (index, seed) pair from SeededEpochSampler: the random transform then draws
+        from that seed alone, so a training image's augmentation does not depend on the process loading it."""
+        index, seed = key if isinstance(key, (tuple, list)) else (key, None)
         try:
-            image = self.transform(self.load_image(index))
+            image = self.load_image(index)
+            with seeded(seed) if seed is not None else contextlib.nullcontext():
+                image = self.transform(image)
         except ImageLoadError as e:
             return {"index": index, "error": e.reason}
         return {"index": index, "image": image, "targets": self.targets[index]}

@@ -8,7 +8,11 @@ the balance mode applied within each source).
 
 Distributed (``rank``/``world_size``), each rank takes ``order[rank::world_size]`` of the epoch's order, padded
 by repeating its head to a multiple of the world size (torch's DistributedSampler semantics): the ranks' shards
-are disjoint slots that together cover the whole order, and ``start`` counts positions in the rank's shard."""
+are disjoint slots that together cover the whole order, and ``start`` counts positions in the rank's shard.
+
+``SeededEpochSampler`` also gives each slot of the order an augmentation seed drawn from (seed, epoch): the
+training loader hands FaceDataset (index, seed) keys, so augmentation depends on the run's seed, the epoch and
+the slot alone, not on the number of worker processes, whether they persist, or the world size."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -89,8 +93,11 @@ class EpochSampler(Sampler[int]):
         """Order of ``epoch``; ``start`` skips that many leading indices of this rank's shard (resuming mid-epoch)."""
         self.epoch, self.start = epoch, start
 
-    def order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def order(self, generator: torch.Generator | None = None) -> list[int]:
+        g = generator or self._generator()
         if self.weights is not None:
             return torch.multinomial(self.weights, self.num_items, replacement=True, generator=g).tolist()
         if self.shuffle:
@@ -99,12 +106,14 @@ class EpochSampler(Sampler[int]):
 
     def shard(self) -> list[int]:
         """This rank's part of ``order()``: every world_size-th index, padded so all ranks get as many."""
-        order = self.order()
+        return self._shard_of(self.order())
+
+    def _shard_of(self, slots: list) -> list:
         if self.world_size == 1:
-            return order
-        padding = self.shard_size * self.world_size - len(order)
-        order += (order * (padding // max(len(order), 1) + 1))[:padding]
-        return order[self.rank::self.world_size]
+            return slots
+        padding = self.shard_size * self.world_size - len(slots)
+        slots = slots + (slots * (padding // max(len(slots), 1) + 1))[:padding]
+        return slots[self.rank::self.world_size]
 
     @property
     def shard_size(self) -> int:
@@ -115,3 +124,18 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.shard_size - self.start
+
+
+class SeededEpochSampler(EpochSampler):
+    """An EpochSampler that yields (index, augmentation seed) keys for FaceDataset: the same indices in the
+    same order, each with a seed drawn for its slot of the epoch's order (after the order, from its generator)."""
+
+    def keys(self) -> list[tuple[int, int]]:
+        """This rank's whole shard of (index, seed) keys for the current epoch."""
+        g = self._generator()
+        order = self.order(g)
+        seeds = torch.randint(2**62, (len(order),), generator=g).tolist()
+        return self._shard_of(list(zip(order, seeds)))
+
+    def __iter__(self):
+        return iter(self.keys()[self.start:])

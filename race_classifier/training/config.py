@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a mix's share of each epoch's draws per source: a YAML file of 'source: weight' or "
                         "'a=0.5,b=0.5' (default: source_weights.yaml beside --train_txt, as prepare mix writes; none: draw by size)")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
+    g.add_argument("--persistent_workers", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the DataLoader workers alive across epochs (default: on when --workers > 0); "
+                        "augmentation is seeded per image, so results do not depend on it")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="torchvision:mobilenet_v2",
                    help="timm model name, or 'torchvision:<name>' for torchvision's")
@@ -47,7 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "most of its years (a tie leaves it unlabelled)")
     g.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier (timm models)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=64)
+    g.add_argument("--batch_size", type=int, default=64, help="images per forward/backward pass (per process)")
+    g.add_argument("--accum_steps", type=int, default=1,
+                   help="gradient accumulation: one optimizer step per N batches (effective batch N x "
+                        "--batch_size); the LR schedule and --save_every_steps count optimizer steps")
     g.add_argument("--num_epochs", type=int, default=50)
     g.add_argument("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
     g.add_argument("--weight_decay", type=float, default=0.05)
@@ -66,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "bf16 is ~1.3-2x faster on CPUs with AVX512-BF16/AMX (weights stay fp32)")
     g.add_argument("--channels_last", action="store_true",
                    help="NHWC memory format: faster convolutions with AMP on GPU and with oneDNN on CPU")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training model (inductor: needs Triton on GPU, a C++ compiler on "
+                        "CPU); the first steps are slow while it compiles")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g = p.add_argument_group("run control")
     g.add_argument("--checkpoint_dir", help="where best.pt, last.pt and the run's files go (default runs/<dataset>)")
@@ -118,9 +127,14 @@ def resolve(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse
     elif not args.source_weights:
         beside = Path(args.train_txt).resolve().parent / "source_weights.yaml"
         args.source_weights = str(beside) if beside.is_file() else None
-    for name in ("batch_size", "num_epochs", "image_size"):
+    for name in ("batch_size", "num_epochs", "image_size", "accum_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    for name in ("workers", "save_every_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must not be negative")
+    # Persistent workers need workers; with none there is nothing to keep alive.
+    args.persistent_workers = args.workers > 0 and args.persistent_workers is not False
     args.heads = ",".join(h.strip() for h in str(args.heads).split(",") if h.strip())
     if not 0 < args.abstain_coverage <= 1:
         parser.error("--abstain_coverage must be in (0, 1]")

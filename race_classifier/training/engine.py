@@ -90,15 +90,24 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                     scheduler, scaler: torch.amp.GradScaler, device: torch.device, amp_dtype: torch.dtype | None,
                     progress: EpochProgress, global_step: int, desc: str = "train",
                     on_step: Callable[[int], None] | None = None, show: bool = True,
-                    memory_format: torch.memory_format = torch.contiguous_format) -> int:
+                    memory_format: torch.memory_format = torch.contiguous_format, accum_steps: int = 1) -> int:
     """Train over ``loader`` (already positioned past ``progress.batches``); returns the new global step.
-    ``show``: a progress bar (or, off a terminal, progress log lines)."""
+    ``show``: a progress bar (or, off a terminal, progress log lines).
+
+    Gradient accumulation: the epoch's batches form groups of ``accum_steps``, counted from the epoch's start
+    (a resumed epoch keeps its groups); each group's losses are scaled by 1/its size and its gradients summed,
+    then the optimizer steps once (the epoch's last group may be shorter and steps too). ``global_step`` and
+    ``on_step`` count optimizer steps, and ``on_step`` runs only after one, when no gradient is pending: a
+    checkpoint written there resumes exactly. Under DDP the non-final batches of a group skip the all-reduce."""
     model.train()
     quiet = not sys.stderr.isatty()  # tqdm hides itself then; a log line every LOG_EVERY batches instead
     started, seen_before, total = time.time(), progress.seen, progress.batches + len(loader)
+    optimizer.zero_grad(set_to_none=True)
+    pending = False  # gradients accumulated since the last optimizer step
     for batch in tqdm(loader, desc=desc, leave=False, disable=None if show else True, unit="batch"):
         progress.failures.update(batch["failures"])
         progress.batches += 1
+        group_size, ends_group = _accumulation_group(progress.batches, total, accum_steps)
         if show and quiet and progress.batches % LOG_EVERY == 0 and progress.seen:
             rate = (progress.seen - seen_before) / max(time.time() - started, 1e-9)
             log.info("%s: batch %d/%d, loss %.4f, %.1f images/s", desc, progress.batches, total,
@@ -106,23 +115,42 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         if batch["images"] is not None:
             images = batch["images"].to(device, non_blocking=True, memory_format=memory_format)
             targets = batch["targets"].to(device, non_blocking=True)
-            scheduler.step_update(global_step)
-            with autocast(device, amp_dtype):
-                logits = model(images)
-                loss = criterion(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
+            with _gradient_sync(model, ends_group):
+                with autocast(device, amp_dtype):
+                    logits = model(images)
+                    loss = criterion(logits, targets)
+                scaler.scale(loss / group_size).backward()
+            pending = True
             progress.loss_sum += loss.item() * len(targets)
             progress.seen += len(targets)
             correct, labelled = count_correct(logits.detach(), targets, criterion.slices)
             progress.correct = [a + b for a, b in zip(progress.correct, correct)]
             progress.labelled = [a + b for a, b in zip(progress.labelled, labelled)]
-        if on_step is not None:
-            on_step(global_step)
+        if ends_group and pending:
+            scheduler.step_update(global_step)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            pending = False
+            global_step += 1
+            if on_step is not None:
+                on_step(global_step)
     return global_step
+
+
+def _accumulation_group(batch_number: int, total: int, accum_steps: int) -> tuple[int, bool]:
+    """(size of the accumulation group holding the epoch's ``batch_number``-th batch, counted from 1, and
+    whether that batch ends it)."""
+    group_start = (batch_number - 1) // accum_steps * accum_steps
+    group_size = min(accum_steps, total - group_start)
+    return group_size, batch_number == group_start + group_size
+
+
+def _gradient_sync(model: nn.Module, sync: bool):
+    """DDP's no_sync() unless ``sync``: the gradients of a group's non-final batches stay local, and the last
+    backward all-reduces their sum once. A plain model has nothing to sync."""
+    no_sync = getattr(model, "no_sync", None)  # DDP, or a compiled DDP (which forwards attributes)
+    return contextlib.nullcontext() if sync or no_sync is None else no_sync()
 
 
 @torch.no_grad()

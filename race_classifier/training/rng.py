@@ -1,6 +1,7 @@
 """Seeding and the random-number state a resumed run restores, in types weights_only loading accepts."""
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -11,6 +12,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Python's, numpy's and torch's CPU generators seeded with ``seed`` inside the block and put back after it.
+
+    A training image's augmentation runs in here with its own seed, so it is the same in whichever process
+    draws it (the main one, any worker, a persistent one), and the caller's random stream (dropout in the
+    main process with --workers 0) is not disturbed. CUDA generators are left alone."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 def seed_worker(worker_id: int) -> None:

@@ -12,6 +12,14 @@ training sums are added over the ranks. Validation runs on rank 0 over the whole
 same weights every rank holds, so the figures are a single process's. Rank 0 alone prints and writes the
 log, checkpoints, skipped-image listing and model card; the other ranks print nothing but errors. Every rank
 resumes from last.pt, whose RNG state is rank 0's.
+
+One training DataLoader serves the whole run (its workers persist across epochs with --persistent_workers): the
+sampler sets each epoch's order, and gives every image an augmentation seed of its own (SeededEpochSampler),
+so augmentation is a function of (seed, epoch, slot in the epoch), whatever the worker processes.
+
+--accum_steps N: one optimizer step per N batches (engine.train_one_epoch); the schedule, global_step and
+--save_every_steps count optimizer steps, and mid-epoch checkpoints fall between steps. --compile:
+torch.compile of the training model; checkpoints and evaluation use the plain model, which shares its weights.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +41,7 @@ from race_classifier.data.cache import ImageCache, cache_size_for
 from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
 from race_classifier.data.manifest import read_manifest
 from race_classifier.data.mix import read_source_weights
-from race_classifier.data.sampler import (EpochSampler, class_balanced_weights, group_balanced_weights,
+from race_classifier.data.sampler import (SeededEpochSampler, class_balanced_weights, group_balanced_weights,
                                           source_weighted)
 from race_classifier.data.shards import find_shards
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augmentation, Preprocessing, build_transform
@@ -70,6 +79,33 @@ def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
     if spec == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[spec]
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile's default backend (inductor) cannot work on ``device`` here, or None: it generates
+    Triton kernels on a GPU and C++ on a CPU, and says so only at the first step, deep in a traceback."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+        return None if has_triton() else "torch.compile on a GPU needs Triton, which is not installed"
+    compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    if not any(c and shutil.which(c) for c in compilers):
+        return "torch.compile on a CPU needs a C++ compiler (g++ or clang++; none found, and CXX is not set)"
+    return None
+
+
+def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
+    reason = compile_unavailable(device)
+    if reason is None:
+        try:
+            return torch.compile(model)
+        except RuntimeError as e:  # e.g. a Python version or platform that torch.compile does not support
+            reason = str(e).splitlines()[0]
+    raise TrainingError(f"--compile: {reason}; run without --compile")
+
+
+def _is_compile_error(error: BaseException) -> bool:
+    from torch._dynamo.exc import TorchDynamoException
+    return isinstance(error, TorchDynamoException)
 
 
 def _better(value: float | None, best: float | None, metric: str) -> bool:
@@ -113,12 +149,14 @@ class Trainer:
         self.model = create_model(args.arch, self.heads.num_outputs, pretrained, args.drop_rate).to(self.device)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.train_model = self.model  # what training calls: the model itself, or its DDP wrapper
+        self.train_model = self.model  # what training calls: the model itself, its DDP wrapper, compiled
         if world.distributed:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if world.rank:  # the same weights everywhere (DDP copies rank 0's), other augmentation draws
+            if world.rank:  # the same weights everywhere (DDP copies rank 0's), other random draws (dropout)
                 seed_everything(args.seed + world.rank)
+        if args.compile:  # around DDP, as PyTorch advises (it then splits the graph at DDP's gradient buckets)
+            self.train_model = compile_model(self.train_model, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         # Normalise as the backbone was pretrained (timm records it; torchvision's are ImageNet's).
@@ -133,11 +171,12 @@ class Trainer:
                                    val_cache, draft_size=args.image_size, targets=self.val_targets)
 
         self.val_sources = self._validation_sources()
-        self.sampler = EpochSampler(len(self.train_set), args.seed, rank=world.rank, world_size=world.size,
-                                    weights=self._sampling_weights(self.train_set.labels))
+        self.sampler = SeededEpochSampler(len(self.train_set), args.seed, rank=world.rank, world_size=world.size,
+                                          weights=self._sampling_weights(self.train_set.labels))
         per_rank = self.sampler.shard_size
         self.drop_last = per_rank >= args.batch_size  # no size-1 batches for BatchNorm
-        self.steps_per_epoch = max(1, per_rank // args.batch_size if self.drop_last else 1)
+        batches_per_epoch = max(1, per_rank // args.batch_size if self.drop_last else 1)
+        self.steps_per_epoch = -(-batches_per_epoch // args.accum_steps)  # optimizer steps: the last group steps too
         total_steps = self.steps_per_epoch * args.num_epochs
         self.optimizer = create_optimizer_v2(self.model, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
         min_lr = args.learning_rate * args.min_lr_ratio
@@ -154,9 +193,16 @@ class Trainer:
         self.criterion = MultiHeadLoss(list(self.heads.slices().values()), class_weights,
                                        args.label_smoothing).to(self.device)
 
+        self.train_loader = DataLoader(
+            self.train_set, batch_size=args.batch_size, sampler=self.sampler, num_workers=args.workers,
+            collate_fn=collate_skipping_failures, drop_last=self.drop_last, pin_memory=self.device.type == "cuda",
+            persistent_workers=args.persistent_workers, worker_init_fn=seed_worker,
+            # Its own generator: starting an epoch's iteration draws nothing from the global RNG.
+            generator=torch.Generator().manual_seed(args.seed * 7919 + 104_729 * world.rank))
         self.val_loader = DataLoader(self.val_set, batch_size=args.batch_size, shuffle=False,
                                      num_workers=args.workers, collate_fn=collate_skipping_failures,
-                                     pin_memory=self.device.type == "cuda")
+                                     pin_memory=self.device.type == "cuda",
+                                     persistent_workers=args.persistent_workers)
         self.start_epoch, self.global_step, self.history = 0, 0, []
         self.progress, self.elapsed = EpochProgress.empty(len(self.heads.heads)), 0.0
 
@@ -251,6 +297,7 @@ class Trainer:
             "rng": get_rng_state(),
             "skipped": dict(self.skipped),
             "world_size": self.world.size,  # a mid-epoch position is per rank
+            "accum_steps": self.args.accum_steps,  # and falls on this many batches' group boundary
         }
         if self.world.main:
             metrics = self.history[-1] if self.history else {}
@@ -300,6 +347,9 @@ class Trainer:
         if r["progress"] is not None and r.get("world_size", 1) != self.world.size:
             raise TrainingError(f"{self.last_path} stopped mid-epoch in a run of {r.get('world_size', 1)} "
                                 f"process(es); resume it with as many (this run has {self.world.size})")
+        if r["progress"] is not None and r.get("accum_steps", 1) != self.args.accum_steps:
+            raise TrainingError(f"{self.last_path} stopped mid-epoch with --accum_steps {r.get('accum_steps', 1)}; "
+                                f"resume it with the same (this run has {self.args.accum_steps})")
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(r["optimizer"])
         self.scaler.load_state_dict(r["scaler"])
@@ -321,15 +371,21 @@ class Trainer:
     def elapsed_now(self) -> float:
         return self.elapsed + (time.time() - self._epoch_started)
 
-    def _train_loader(self, epoch: int) -> DataLoader:
+    def _train_epoch(self, epoch: int, on_step) -> int:
+        """One epoch's training from where ``self.progress`` stands; returns the new global step."""
         self.sampler.set_epoch(epoch, start=self.progress.batches * self.args.batch_size)
-        return DataLoader(self.train_set, batch_size=self.args.batch_size, sampler=self.sampler,
-                          num_workers=self.args.workers, collate_fn=collate_skipping_failures,
-                          drop_last=self.drop_last, pin_memory=self.device.type == "cuda",
-                          worker_init_fn=seed_worker,
-                          # Seeded per epoch, so that creating the loader draws nothing from the global RNG.
-                          generator=torch.Generator().manual_seed(self.args.seed * 7919 + epoch
-                                                                  + 104_729 * self.world.rank))
+        try:
+            return train_one_epoch(
+                self.train_model, self.train_loader, self.criterion, self.optimizer, self.scheduler,
+                self.scaler, self.device, self.amp_dtype, self.progress, self.global_step,
+                desc=f"epoch {epoch + 1}/{self.args.num_epochs}", on_step=on_step, show=self.world.main,
+                memory_format=self.memory_format, accum_steps=self.args.accum_steps)
+        except Exception as e:
+            if self.args.compile and _is_compile_error(e):
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise TrainingError(f"--compile: torch.compile failed on this model and machine ({first_line}); "
+                                    "run without --compile") from e
+            raise
 
     def _report_skipped(self, failures: dict[int, str], samples, epoch: int) -> None:
         new = {samples[i].path: reason for i, reason in failures.items()}
@@ -371,11 +427,7 @@ class Trainer:
                 if args.save_every_steps and step % args.save_every_steps == 0:
                     self.save_last(epoch, in_progress=True)
 
-            self.global_step = train_one_epoch(
-                self.train_model, self._train_loader(epoch), self.criterion, self.optimizer, self.scheduler,
-                self.scaler, self.device, self.amp_dtype, self.progress, self.global_step,
-                desc=f"epoch {epoch + 1}/{args.num_epochs}", on_step=on_step, show=self.world.main,
-                memory_format=self.memory_format)
+            self.global_step = self._train_epoch(epoch, on_step)
             val = None
             if self.world.main:  # the unwrapped model: no collectives while the other ranks wait
                 val = evaluate(self.model, self.val_loader, self.device, self.amp_dtype, self.heads,
@@ -401,6 +453,8 @@ class Trainer:
             print(format_epoch(row, args.num_epochs, self.classes, self.heads, self.val_sources), flush=True)
             self._report_skipped(p.failures, self.train_samples, epoch + 1)
             self._report_skipped(val["failures"], self.val_samples, epoch + 1)
+        # Persistent workers would idle through finalize (which reads the images with loaders of its own).
+        self.train_loader = self.val_loader = None
         if args.patience and self._epochs_since_best(best_metric) >= args.patience:
             print(f"Early stopping: no {best_metric} improvement in {args.patience} epochs", flush=True)
         summary = self._summary(best_metric)
