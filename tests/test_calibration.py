@@ -58,6 +58,9 @@ def test_threshold_answers_the_target_coverage():
         answered = (confidence >= threshold).mean()
         assert coverage <= answered <= coverage + 1e-3
         assert threshold == pytest.approx(np.quantile(confidence, 1 - coverage), abs=1e-3)
+        # Never a face's own confidence: the same faces are answered from float32 probabilities.
+        assert threshold not in set(confidence)
+        assert (confidence.astype(np.float32) >= threshold).mean() == answered
     correct = confidence > 0.5  # accuracy grows with confidence: abstaining helps
     summary = abstention_summary(confidence, correct, choose_threshold(confidence, 0.8), 0.8)
     assert summary["accuracy_at_coverage"] > summary["accuracy_all"]

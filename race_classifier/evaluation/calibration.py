@@ -75,13 +75,17 @@ def uncalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 def choose_threshold(confidence, coverage: float) -> float | None:
     """The confidence threshold answering ``coverage`` of these faces (confidence >= threshold): the
-    (1 - coverage) quantile, taken at an observed value so that at least that share is answered."""
+    (1 - coverage) quantile, taken at an observed value so that at least that share is answered, then moved
+    halfway down to the next lower observed value. A threshold equal to a face's own confidence would leave
+    that face to rounding: the same model in float32 (ONNX, another batch size) may fall just below it."""
     if not 0 < coverage <= 1:
         raise ValueError(f"coverage must be in (0, 1], got {coverage}")
     confidence = np.asarray(confidence, dtype=np.float64)
     if confidence.size == 0:
         return None
-    return float(np.quantile(confidence, 1 - coverage, method="lower"))
+    cut = float(np.quantile(confidence, 1 - coverage, method="lower"))
+    below = confidence[confidence < cut]
+    return (float(below.max()) + cut) / 2 if below.size else max(cut - 1e-6, 0.0)
 
 
 def abstention_summary(confidence, correct, threshold: float | None, target_coverage: float | None = None) -> dict:
