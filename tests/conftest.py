@@ -111,3 +111,14 @@ def multitask_checkpoint(multitask_manifests, tmp_path_factory) -> Path:
     assert train_main(train_args(multitask_manifests, run, "--num_epochs", "3", "--learning_rate", "0.003",
                                  "--heads", "race,gender,age")) == 0
     return run / "best.pt"
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Single-threaded kernels: multi-threaded float reductions may differ in the last bits between runs."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)

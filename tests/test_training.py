@@ -120,16 +120,6 @@ def _metrics(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    """Single-threaded kernels: multi-threaded float reductions may differ in the last bits between runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(manifests, tmp_path, one_thread):
     """Kill -9 in the middle of epoch 2, resume: 3 epochs logged once each, figures as if never killed."""
     reference = tmp_path / "reference"

@@ -27,16 +27,6 @@ from conftest import train_args
 NO_BATCH_STATS = ("--arch", "test_efficientnet_gn", "--hflip", "0", "--scale_min", "1", "--color_jitter", "0")
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    """Single-threaded kernels: multi-threaded float reductions may differ in the last bits between runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
-
-
 def read_log(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in csv.DictReader(f)]
