@@ -49,8 +49,8 @@ import numpy as np
 from race_classifier.data.manifest import format_sample, parse_line
 from race_classifier.evaluation.calibration import abstention_summary, choose_threshold
 from race_classifier.evaluation.formatting import fmt_ci, fmt_num, fmt_pct
-from race_classifier.evaluation.metrics import clean_predictions, evaluate_predictions
-from race_classifier.evaluation.runner import load_eval_samples, predict_samples
+from race_classifier.evaluation.metrics import clean_predictions, evaluate_predictions, race_labelled
+from race_classifier.evaluation.runner import load_eval_samples, predict_samples, scored_heads
 from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
 from race_classifier.models.checkpoint import load_checkpoint
 from race_classifier.models.loaders import load_predictor
@@ -190,7 +190,7 @@ def _worst_group(evaluation: dict) -> dict | None:
 
 
 def _accuracy_at_coverage(table, classes, coverage: float = COVERAGE) -> float | None:
-    valid, _ = clean_predictions(table, classes)
+    valid, _ = clean_predictions(race_labelled(table), classes)
     confidence = valid["confidence"].to_numpy(float)
     correct = (valid["y_true"] == valid["y_pred"]).to_numpy(float)
     return abstention_summary(confidence, correct, choose_threshold(confidence, coverage))["accuracy_at_coverage"]
@@ -213,32 +213,6 @@ def benchmark_row(variant: str, tta: bool, evaluation: dict, table, calibration:
     }
 
 
-def head_accuracies(predictor, samples, batch_size: int, workers: int, tta: bool) -> dict[str, float | None]:
-    """Accuracy of each gender/age head over the samples labelled for it (the manifest's columns)."""
-    if not predictor.heads.extra:
-        return {}
-    import torch
-    from torch.utils.data import DataLoader
-
-    from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
-    from race_classifier.data.transforms import build_transform
-    from race_classifier.heads import targets_tensor
-    targets = targets_tensor(predictor.heads, samples)
-    dataset = FaceDataset(samples, build_transform(predictor.preprocessing, train=False), targets=targets,
-                          draft_size=predictor.preprocessing.image_size)
-    correct = {h.name: [0, 0] for h in predictor.heads.extra}
-    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_failures):
-        if batch["images"] is None:
-            continue
-        probs = predictor.predict_heads(batch["images"], tta=tta)
-        for i, head in enumerate(predictor.heads.heads[1:], start=1):
-            known = batch["targets"][:, i] >= 0
-            pred = torch.as_tensor(probs[head.name]).argmax(1)
-            correct[head.name][0] += int((pred[known] == batch["targets"][known, i]).sum())
-            correct[head.name][1] += int(known.sum())
-    return {name: (c / n if n else None) for name, (c, n) in correct.items()}
-
-
 def evaluate_variant(variant: str, checkpoint: Path, recipe, val_txt: str, args) -> tuple[list[dict], dict]:
     """Rows (plain, and with TTA if asked) and the full evaluations, keyed 'plain' / 'tta'."""
     predictor = load_predictor(checkpoint)
@@ -248,19 +222,20 @@ def evaluate_variant(variant: str, checkpoint: Path, recipe, val_txt: str, args)
     mapping = None
     if recipe.label_map or source.classes != taxonomy.classes:
         mapping = get_mapping(source, taxonomy, load_label_map(recipe.label_map) if recipe.label_map else None)
-    samples = load_eval_samples(taxonomy, val_txt=val_txt, mapping=mapping)
+    heads = scored_heads(predictor.heads, taxonomy.classes)
+    head_classes = {h.name: list(h.classes) for h in heads.extra}
+    samples = load_eval_samples(taxonomy, val_txt=val_txt, mapping=mapping, keep_unlabelled=bool(heads.extra))
     classes = list(taxonomy.classes)
     workers = recipe.workers if args.workers is None else args.workers
     rows, evaluations = [], {}
     for tta in ([False, True] if args.tta else [False]):
         predictor.set_tta(tta)
         table = predict_samples(predictor, samples, taxonomy, recipe.batch_size, workers,
-                                desc=f"{variant}{' +TTA' if tta else ''}")
-        evaluation = evaluate_predictions(table, classes, n_boot=args.n_boot, seed=args.seed)
+                                desc=f"{variant}{' +TTA' if tta else ''}", heads=heads, source=val_txt)
+        evaluation = evaluate_predictions(table, classes, n_boot=args.n_boot, seed=args.seed, heads=head_classes)
         row = benchmark_row(variant, tta, evaluation, table, predictor.calibration)
-        if predictor.heads.extra:  # gender/age truth is independent of the race taxonomy: the model's samples
-            head_samples = load_eval_samples(model_taxonomy, val_txt=val_txt)
-            row["heads"] = head_accuracies(predictor, head_samples, recipe.batch_size, workers, tta)
+        if head_classes:
+            row["heads"] = {name: h["accuracy"]["value"] for name, h in evaluation["heads"].items()}
         rows.append(row)
         evaluations["tta" if tta else "plain"] = evaluation
     return rows, evaluations
