@@ -122,11 +122,10 @@ def describe_heads(heads: HeadLayout) -> str:
     return ", ".join(f"{h.name} ({', '.join(classes(h))})" for h in heads.heads)
 
 
-def _torch_runner(model: torch.nn.Module, device: torch.device, slice_to: int | None = None):
+def _torch_runner(model: torch.nn.Module, device: torch.device):
     @torch.no_grad()
     def run(images: torch.Tensor) -> torch.Tensor:
-        logits = model(images.to(device))
-        return logits[:, :slice_to] if slice_to else logits
+        return model(images.to(device))
     return run
 
 
