@@ -24,9 +24,11 @@ White).
 
 Columns: accuracy with its 95% bootstrap CI, balanced accuracy, worst class, worst race x gender group
 (groups of >= 10 faces), ECE of the raw softmax -> after the checkpoint's temperature (as fitted at the
-end of training), and accuracy on the 95% most confident faces; for models with gender/age heads, each
-head's accuracy. ``--tta`` adds a row per variant with horizontal-flip test-time augmentation (its ECE is
-the one measured here: the raw softmax of averaged probabilities does not exist, so "before" is n/a).
+end of training), the ECE a perfectly calibrated model with the calibrated confidences would show from
+sampling noise alone (mean, 95th percentile, p-value of the ECE after; ``ece_if_calibrated``), and accuracy
+on the 95% most confident faces; for models with gender/age heads, each head's accuracy. ``--tta`` adds a
+row per variant with horizontal-flip test-time augmentation (its ECE is the one measured here: the raw
+softmax of averaged probabilities does not exist, so "before" is n/a).
 
 The validation set also picks the best epoch and fits the temperature, so these figures are slightly
 optimistic for new data; the comparison between variants is like for like.
@@ -48,7 +50,7 @@ import numpy as np
 
 from race_classifier.data.manifest import format_sample, parse_line
 from race_classifier.evaluation.calibration import abstention_summary, choose_threshold
-from race_classifier.evaluation.formatting import fmt_ci, fmt_num, fmt_pct
+from race_classifier.evaluation.formatting import fmt_ci, fmt_ece_floor, fmt_num, fmt_pct
 from race_classifier.evaluation.metrics import clean_predictions, evaluate_predictions, race_labelled
 from race_classifier.evaluation.runner import load_eval_samples, predict_samples, scored_heads
 from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
@@ -60,7 +62,7 @@ from race_classifier.utils import atomic_write_text
 
 COVERAGE = 0.95
 COLUMNS = ("variant", "tta", "accuracy", "balanced_accuracy", "worst_class", "worst_group", "ece_before",
-           "ece_after", "accuracy_at_95_coverage")
+           "ece_after", "ece_after_if_calibrated", "accuracy_at_95_coverage")
 DEFAULT_VARIANTS = ("none", "sampler", "group")
 QUICK_OPTIONS = ("max_train_images", "max_val_images", "num_epochs", "image_size")
 
@@ -209,6 +211,8 @@ def benchmark_row(variant: str, tta: bool, evaluation: dict, table, calibration:
         # ECE measured here exists.
         "ece_before": None if tta else (calibration or {}).get("ece_before"),
         "ece_after": evaluation["ece"] if (tta or not calibration) else calibration.get("ece_after"),
+        # ece_after's noise floor, from the same place (None for runs calibrated before it was recorded).
+        "ece_after_if_calibrated": (evaluation if (tta or not calibration) else calibration).get("ece_if_calibrated"),
         "accuracy_at_95_coverage": _accuracy_at_coverage(table, evaluation["classes"]),
     }
 
@@ -274,10 +278,11 @@ def _named(entry: dict | None) -> str:
 def format_table(rows: list[dict]) -> str:
     heads = list(dict.fromkeys(h for r in rows for h in r.get("heads") or {}))
     header = ["variant", "TTA", "accuracy [95% CI]", "bal. acc.", "worst class", "worst race × gender",
-              "ECE raw -> cal", "acc@95% cov.", *[f"{h} acc." for h in heads]]
+              "ECE raw -> cal", "cal. ECE if perfectly calibrated", "acc@95% cov.", *[f"{h} acc." for h in heads]]
     body = [[r["variant"], "flip" if r["tta"] else "-", fmt_ci(r["accuracy"], 2),
              fmt_pct(r["balanced_accuracy"]["value"], 2), _named(r["worst_class"]), _named(r["worst_group"]),
              f"{fmt_num(r['ece_before'], 4)} -> {fmt_num(r['ece_after'], 4)}",
+             fmt_ece_floor(r["ece_after_if_calibrated"]),
              fmt_pct(r["accuracy_at_95_coverage"], 2),
              *[fmt_pct((r.get("heads") or {}).get(h), 2) for h in heads]] for r in rows]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]

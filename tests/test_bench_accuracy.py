@@ -40,9 +40,11 @@ def test_bench_trains_every_variant_and_writes_the_table(bench, manifests, tmp_p
         assert 0 <= row["accuracy"]["value"] <= 1 and row["accuracy"]["ci_low"] <= row["accuracy"]["ci_high"]
         assert row["worst_class"]["accuracy"] <= row["balanced_accuracy"]["value"] + 1e-9
         assert (row["ece_before"] is None) == row["tta"] and row["ece_after"] is not None
+        assert 0 < row["ece_after_if_calibrated"]["mean"] <= row["ece_after_if_calibrated"]["p95"]
     assert set(result["variants"]) == {"none", "sampler", "group"}
     text = capsys.readouterr().out
     assert "accuracy [95% CI]" in text and "worst race × gender" in text
+    assert "cal. ECE if perfectly calibrated" in text and " expected, 95% <= " in text
     # A finished run is reused, not retrained.
     assert bench.main([*argv, "--variants", "sampler"]) == 0
     assert "reusing the finished run" in capsys.readouterr().out

@@ -86,6 +86,8 @@ def test_training_writes_calibration_and_model_card(calibrated, manifests):
     assert {"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "fitted_on", "n"} <= set(cal)
     assert cal["temperature"] > 0 and cal["n"] == 24 and cal["fitted_on"] == str(manifests / "val.txt")
     assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+    floor = cal["ece_if_calibrated"]  # the calibrated ECE's noise floor, on these 24 images
+    assert set(floor) == {"mean", "p95", "p_value", "n_draws"} and 0 < floor["mean"] <= floor["p95"]
     ab = cal["abstention"]
     assert ab["target_coverage"] == 0.95 and ab["coverage"] >= 0.95
     assert "calibration" not in torch.load(calibrated.parent / "last.pt", weights_only=True)  # resume untouched
@@ -94,7 +96,8 @@ def test_training_writes_calibration_and_model_card(calibrated, manifests):
     headings = re.findall(r"^## (.+)$", card, re.M)
     assert headings == list(CARD_SECTIONS)
     for phrase in ("identifying people", "hiring", "policing", "credit", "ancestry", "self-identity",
-                   "perceived labels as facts", str(manifests / "train.txt"), f"{cal['temperature']:.3f}"):
+                   "perceived labels as facts", str(manifests / "train.txt"), f"{cal['temperature']:.3f}",
+                   f"it would show {floor['mean']:.4f} expected, 95% <= {floor['p95']:.4f}; p "):
         assert phrase in card, phrase
     # Per-class accuracies in the card are the checkpoint's own validation figures.
     for name in ckpt["taxonomy"]["classes"]:
@@ -145,17 +148,20 @@ def test_evaluate_abstain_reports_coverage_and_selective_accuracy(calibrated, ma
                      "--output_csv", str(out), "--output_html", str(tmp_path / "r.html"), "--abstain",
                      "--n_boot", "50", "--workers", "0"]) == 0
     text = capsys.readouterr().out
-    assert "uncalibrated ->" in text and "accuracy on answered" in text
+    assert "uncalibrated ->" in text and "accuracy on answered" in text and "(perfectly calibrated: " in text
     results = json.loads(out.with_suffix(".metrics.json").read_text())
     ev, cal = results["evaluation"], load_checkpoint(calibrated)["calibration"]
     assert results["model"]["calibration"]["temperature"] == cal["temperature"]
     # Evaluated on the set it was fitted on: the training-time figures come back.
     assert ev["ece"] == pytest.approx(cal["ece_after"], abs=1e-4)
+    # Same confidences and seed as at calibration: the same noise floor (up to the CSV's rounding).
+    assert ev["ece_if_calibrated"]["mean"] == pytest.approx(cal["ece_if_calibrated"]["mean"], abs=0.01)
     assert ev["calibration"]["ece_before"] == pytest.approx(cal["ece_before"], abs=1e-4)
     assert ev["abstention"]["coverage"] == pytest.approx(cal["abstention"]["coverage"])
     assert ev["abstention"]["selective_accuracy"]["value"] == pytest.approx(cal["abstention"]["accuracy_at_coverage"])
     html = (tmp_path / "r.html").read_text()
     assert "Accuracy on answered images" in html and "calibration.temperature" in html
+    assert "if perfectly calibrated: " in html
 
 
 def test_predict_abstain_labels_low_confidence_faces_uncertain(calibrated, manifests, tmp_path):

@@ -153,7 +153,9 @@ def test_report_figures_per_head_are_those_of_the_csv(evaluated):
         assert np.sum(hev["confusion_matrix"]) == len(labelled) and hev["ece"] is not None
         # Evaluated with its own temperature: the calibrated ECE, and the raw one beside it.
         assert hev["calibration"]["ece_after"] == hev["ece"]
+        assert hev["ece_if_calibrated"]["mean"] > 0  # the head's own noise floor
         assert f'id="head-{head}"' in html
+    assert html.count("if perfectly calibrated: ") == 3  # race, gender and age cards
     # Race accuracy per age group, in the groups' own order, recomputed from the CSV.
     groups = ev["subgroups"]["age_group"]
     assert [g["group"] for g in groups] == ["Child", "Teen", "Adult", "Senior"]
@@ -247,7 +249,9 @@ def test_training_fits_a_temperature_per_head(multitask_checkpoint, multitask_ma
 def test_model_card_reports_each_head(multitask_checkpoint):
     ckpt = load_checkpoint(multitask_checkpoint)
     card = (multitask_checkpoint.parent / MODEL_CARD).read_text()
+    floor = ckpt["calibration"]["heads"]["gender"]["ece_if_calibrated"]
     for phrase in ("### Gender head", "### Age group head", "### Race accuracy per gender",
+                   "| ECE after if perfectly calibrated |", f"| {floor['mean']:.4f} expected, 95% <= ",
                    "### Race accuracy per age group (the model's groups)", "Non-binary", "apparent age",
                    "10-12-year-olds are counted as Teen", "Child (0-12), Teen (13-19)",
                    (f"| Gender | {ckpt['calibration']['heads']['gender']['n']} | "

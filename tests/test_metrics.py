@@ -87,6 +87,11 @@ def test_log_loss_and_ece_by_hand(report):
     assert len(full) == 1 and full[0]["count"] == 10
     assert full[0]["lo"] == pytest.approx(7 / 15) and full[0]["hi"] == pytest.approx(8 / 15)
     assert full[0]["accuracy"] == pytest.approx(0.7) and full[0]["confidence"] == pytest.approx(0.5)
+    # Its noise floor: a calibrated model at 0.5 gets hits ~ Binomial(10, 1/2) and ECE |hits - 5| / 10, so
+    # E[ECE] = 2 * (5*1 + 4*10 + 3*45 + 2*120 + 1*210) / 10240 = 0.123 and P(ECE >= 0.2) = 352/1024 = 0.344.
+    floor = report["ece_if_calibrated"]
+    assert floor["mean"] == pytest.approx(1260 / 10240, abs=0.015) and floor["n_draws"] == 1000
+    assert floor["p_value"] == pytest.approx(352 / 1024, abs=0.05)
 
 
 def test_ece_tiny_case_by_hand():
@@ -101,7 +106,7 @@ def test_ece_tiny_case_by_hand():
 
 def test_labels_only_baseline_has_no_calibration():
     result = evaluate_predictions(example_df(with_probs=False), CLASSES, n_boot=50)
-    assert result["log_loss"] is None and result["ece"] is None
+    assert result["log_loss"] is None and result["ece"] is None and result["ece_if_calibrated"] is None
     assert result["accuracy"]["value"] == pytest.approx(0.7)
 
 

@@ -51,11 +51,14 @@ def make_predictions(root) -> pd.DataFrame:
     return frame
 
 
+FLOOR = {"mean": 0.0181, "p95": 0.0252, "p_value": 0.0, "n_draws": 1000}
+
+
 def make_evaluation(ece=0.043, log_loss=0.512, subgroups=True) -> dict:
     evaluation = {
         "n": 30, "n_errors": 1,
         "accuracy": ci(0.8621, 0.6943, 0.9450), "balanced_accuracy": ci(0.8593, 0.69, 0.94),
-        "macro_f1": 0.8555, "log_loss": log_loss, "ece": ece,
+        "macro_f1": 0.8555, "log_loss": log_loss, "ece": ece, "ece_if_calibrated": FLOOR if ece else None,
         "reliability": [{"lo": b / 5, "hi": (b + 1) / 5, "count": n, "accuracy": a, "confidence": c}
                         for b, (n, a, c) in enumerate([(0, None, None), (0, None, None), (0, None, None),
                                                        (14, 0.857, 0.71), (15, 0.867, 0.87)])],
@@ -178,6 +181,7 @@ def test_summary_figures(rendered):
     summary = section(rendered["full"], "summary")
     assert "86.21%" in summary and "69.4%" in summary and "94.5%" in summary
     assert "4.30%" in summary and "0.512" in summary
+    assert "if perfectly calibrated: 1.81% expected, 95% &lt;= 2.52%; p &lt; 0.001" in summary
     assert "socially constructed" in summary
     assert "A&amp;B &lt;x&gt;" in summary  # worst class
 
@@ -186,6 +190,7 @@ def test_missing_figures_render_na(rendered):
     summary = section(rendered["bare"], "summary")
     assert re.search(r"Expected calibration error \(ECE\)</div><div class=\"value\">n/a", summary)
     assert re.search(r"Log loss</div><div class=\"value\">n/a", summary)
+    assert "perfectly calibrated" not in rendered["bare"]
     assert "not available" in section(rendered["bare"], "calibration") or "n/a" in section(rendered["bare"],
                                                                                            "calibration")
 
@@ -227,3 +232,17 @@ def test_formatting_helpers(tmp_path):
     assert fmt_p(0.0001) == "<0.001" and fmt_p(None) == "n/a"
     uri, problem = thumbnail_data_uri(tmp_path / "nope.jpg")
     assert uri is None and "not found" in problem
+
+
+def test_ece_noise_floor_in_calibration_and_head_sections(rendered, tmp_path):
+    calibration = section(rendered["full"], "calibration")
+    assert "<strong>1.81% expected, 95% &lt;= 2.52%; p &lt; 0.001</strong>" in calibration
+    assert "1,000 times" in calibration and "30 images" in calibration
+    head = {**make_evaluation(ece=0.061, subgroups=False), "classes": CLASSES, "n_unlabelled": 2,
+            "ece_if_calibrated": {"mean": 0.02, "p95": 0.03, "p_value": 0.042, "n_draws": 1000},
+            "calibration": {"temperature": 1.3, "ece_before": 0.09, "ece_after": 0.061}}
+    out = tmp_path / "heads.html"
+    render_report({**make_evaluation(), "heads": {"gender": head}}, make_predictions(tmp_path), CLASSES, {}, out)
+    gender = section(out.read_text("utf-8"), "head-gender")
+    assert "6.10%" in gender and "if perfectly calibrated: 2.00% expected, 95% &lt;= 3.00%; p = 0.042" in gender
+    assert "9.00% before temperature 1.300" in gender

@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from race_classifier.evaluation.formatting import fmt_ci, fmt_num, fmt_pct, fmt_pp
+from race_classifier.evaluation.formatting import fmt_ci, fmt_ece_floor, fmt_num, fmt_pct, fmt_pp
 from race_classifier.evaluation.runner import (load_eval_samples, predict_samples, predictions_from_csv,
                                                scored_heads, write_predictions_csv)
 from race_classifier.heads import canonical_gender
@@ -65,11 +65,18 @@ def add_arguments(p: argparse.ArgumentParser, baseline_required: bool = False) -
 HEAD_TITLES = {"gender": "gender", "age": "age group"}
 
 
+def fmt_ece(ev: dict) -> str:
+    """'ECE 0.0440 (perfectly calibrated: 0.0181 expected, 95% <= 0.0252; p < 0.001)': how much of the ECE is
+    sampling noise is the figure in brackets (metrics.ece_if_calibrated)."""
+    floor = ev.get("ece_if_calibrated")
+    return f"ECE {fmt_num(ev.get('ece'), 4)}" + (f" (perfectly calibrated: {fmt_ece_floor(floor)})" if floor else "")
+
+
 def print_evaluation(name: str, ev: dict, classes) -> None:
     print(f"{name}: {ev['n']} images scored, {ev['n_errors']} unreadable")
     print(f"  accuracy           {fmt_ci(ev['accuracy'], 2)}  (95% bootstrap CI)")
     print(f"  balanced accuracy  {fmt_ci(ev['balanced_accuracy'], 2)}")
-    print(f"  macro-F1 {fmt_num(ev['macro_f1'], 4)}   ECE {fmt_num(ev.get('ece'), 4)}")
+    print(f"  macro-F1 {fmt_num(ev['macro_f1'], 4)}   {fmt_ece(ev)}")
     for row in ev["per_class"]:
         print(f"   - {row['class']:<18} {fmt_ci(row['accuracy'], 2)}  (n={row['support']})")
     for dim, gap in (ev.get("subgroup_gaps") or {}).items():
@@ -87,7 +94,7 @@ def print_evaluation(name: str, ev: dict, classes) -> None:
     for head, hev in (ev.get("heads") or {}).items():
         print(f"  {HEAD_TITLES.get(head, head)} head: {hev['n']} labelled images ({hev['n_unlabelled']} not labelled)")
         print(f"    accuracy           {fmt_ci(hev['accuracy'], 2)}")
-        print(f"    balanced accuracy  {fmt_ci(hev['balanced_accuracy'], 2)}   ECE {fmt_num(hev.get('ece'), 4)}")
+        print(f"    balanced accuracy  {fmt_ci(hev['balanced_accuracy'], 2)}   {fmt_ece(hev)}")
         for row in hev["per_class"]:
             print(f"     - {row['class']:<16} {fmt_ci(row['accuracy'], 2)}  (n={row['support']})")
         cal = hev.get("calibration")

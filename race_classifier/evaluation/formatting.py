@@ -70,6 +70,19 @@ def fmt_p(value) -> str:
     return "<0.001" if float(value) < 0.001 else f"{float(value):.3f}"
 
 
+def fmt_ece_floor(floor, percent: bool = False) -> str:
+    """metrics.ece_if_calibrated's figures, in the ECE's own units (a fraction to 4 decimals, or percent):
+    '0.0181 expected, 95% <= 0.0252; p < 0.001'; 'n/a' without them."""
+    if not isinstance(floor, dict) or _missing(floor.get("mean")):
+        return "n/a"
+    value = (lambda v: fmt_pct(v, 2)) if percent else (lambda v: fmt_num(v, 4))
+    # p counts draws in n_draws: none reaching the observed ECE means p < 1 / n_draws, not p = 0.
+    resolution = max(1 / floor["n_draws"], 0.001)
+    p = float(floor["p_value"])
+    p_text = f"p < {resolution:g}" if p < resolution else f"p = {p:.3f}"
+    return f"{value(floor['mean'])} expected, 95% <= {value(floor['p95'])}; {p_text}"
+
+
 def ci_label(level) -> str:
     """0.95 -> '95%'; a missing level is the default 95%."""
     return "95%" if _missing(level) else f"{100 * float(level):g}%"

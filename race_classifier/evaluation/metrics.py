@@ -28,6 +28,8 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
 
 N_CALIBRATION_BINS = 15
+N_CALIBRATION_DRAWS = 1000  # consistency resamples behind ece_if_calibrated
+_DRAW_ELEMENTS = 1 << 22  # uniform numbers drawn at once (32 MB): ece_if_calibrated's chunk size
 # FairFace's age ranges, in order; UTKFace's integer ages are binned into them.
 AGE_RANGES = ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70"]
 _AGE_UPPER = [2, 9, 19, 29, 39, 49, 59, 69]  # inclusive upper bound of each range but the last
@@ -246,12 +248,17 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], np.ndarray], weights: np.ndar
 
 # --------------------------------------------------------------------------- calibration
 
+def calibration_bin(confidence, n_bins: int = N_CALIBRATION_BINS) -> np.ndarray:
+    """Each confidence's bin index: equal-width bins (lo, hi], the first one closed at 0."""
+    return np.clip(np.ceil(np.asarray(confidence, float) * n_bins).astype(int) - 1, 0, n_bins - 1)
+
+
 def expected_calibration_error(confidence, correct, n_bins: int = N_CALIBRATION_BINS) -> tuple[float | None, list[dict]]:
     """(ECE, reliability bins): equal-width confidence bins (lo, hi], the first one closed at 0;
     ECE = sum over bins of count/n * |accuracy - mean confidence|. Empty bins: accuracy/confidence None."""
     confidence = np.asarray(confidence, float)
     correct = np.asarray(correct, float)
-    which = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    which = calibration_bin(confidence, n_bins)
     bins, ece = [], 0.0
     for b in range(n_bins):
         in_bin = which == b
@@ -264,11 +271,47 @@ def expected_calibration_error(confidence, correct, n_bins: int = N_CALIBRATION_
     return (float(ece) if len(confidence) else None), bins
 
 
-def _calibration(valid: pd.DataFrame, probs: np.ndarray | None, correct: np.ndarray, num_classes: int) -> dict:
-    """log loss, ECE and reliability bins; None (and empty bins) without probabilities."""
+def ece_if_calibrated(confidence, observed_ece: float | None, n_draws: int = N_CALIBRATION_DRAWS, seed: int = 0,
+                      n_bins: int = N_CALIBRATION_BINS) -> dict | None:
+    """The ECE a perfectly calibrated model with these confidences would show: its "noise floor".
+
+    Consistency resampling (Bröcker & Smith 2007; Vaicenavicius et al. 2019): ``n_draws`` times, every image
+    is right with probability its confidence, and the draw's ECE is computed with the same bins as
+    ``expected_calibration_error``. Returns {"mean", "p95"} of those ECEs, ``p_value``: the fraction of draws
+    with ECE >= ``observed_ece`` (small: more miscalibration than sampling noise explains), and ``n_draws``;
+    None without images or without an observed ECE.
+    """
+    confidence = np.asarray(confidence, float)
+    n = len(confidence)
+    if n == 0 or observed_ece is None or n_draws < 1:
+        return None
+    # Images sorted by bin, so one reduceat sums each bin's hits; empty bins add nothing to the ECE.
+    which = calibration_bin(confidence, n_bins)
+    order = np.argsort(which, kind="stable")
+    confidence, which = confidence[order], which[order]
+    starts = np.flatnonzero(np.r_[True, which[1:] != which[:-1]])
+    confidence_sums = np.add.reduceat(confidence, starts)
+    rng = np.random.default_rng(seed)
+    eces = np.empty(n_draws)
+    chunk = max(1, _DRAW_ELEMENTS // n)  # draws simulated at once: bounded memory for 100k images
+    for first in range(0, n_draws, chunk):
+        size = min(chunk, n_draws - first)
+        hits = np.add.reduceat(rng.random((size, n)) < confidence, starts, axis=1, dtype=np.int64)
+        # sum over bins of count/n * |hits/count - confidence sum/count|
+        eces[first:first + size] = np.abs(hits - confidence_sums).sum(axis=1) / n
+    # The observed ECE is summed in another order: a draw equal to it must not miss by a rounding error.
+    exceeds = eces >= observed_ece - 1e-12
+    return {"mean": float(eces.mean()), "p95": float(np.percentile(eces, 95)),
+            "p_value": float(exceeds.mean()), "n_draws": int(n_draws)}
+
+
+def _calibration(valid: pd.DataFrame, probs: np.ndarray | None, correct: np.ndarray, num_classes: int,
+                 seed: int = 0) -> dict:
+    """log loss, ECE, its noise floor (``ece_if_calibrated``) and reliability bins; None (and empty bins)
+    without probabilities."""
     if probs is None or len(valid) == 0:
         _, empty = expected_calibration_error([], [])
-        return {"log_loss": None, "ece": None, "reliability": empty}
+        return {"log_loss": None, "ece": None, "ece_if_calibrated": None, "reliability": empty}
     # Probabilities read back from a CSV are rounded; renormalise so sklearn sees rows summing to 1.
     sums = probs.sum(axis=1, keepdims=True)
     probs = np.divide(probs, sums, out=np.full_like(probs, 1 / num_classes), where=sums > 0)
@@ -277,7 +320,8 @@ def _calibration(valid: pd.DataFrame, probs: np.ndarray | None, correct: np.ndar
     confidence = np.where(np.isnan(confidence), probs[np.arange(len(pred)), pred], confidence)
     ece, bins = expected_calibration_error(confidence, correct)
     loss = log_loss(valid["y_true"].to_numpy(int), probs, labels=list(range(num_classes)))
-    return {"log_loss": _num(loss), "ece": ece, "reliability": bins}
+    return {"log_loss": _num(loss), "ece": ece, "ece_if_calibrated": ece_if_calibrated(confidence, ece, seed=seed),
+            "reliability": bins}
 
 
 # --------------------------------------------------------------------------- report sections
@@ -350,8 +394,9 @@ def evaluate_predictions(df: pd.DataFrame, classes: Sequence[str], n_boot: int =
     """The evaluation report's figures for one model's predictions table (JSON-serialisable).
 
     Keys: classes, n, n_errors, ci_level, n_boot, accuracy, balanced_accuracy, macro_f1, log_loss, ece,
-    reliability, per_class, confusion_matrix, confusion_matrix_normalized, subgroups, subgroup_gaps,
-    worst_class, n_race_unlabelled, heads. See the module docstring for the bootstrap.
+    ece_if_calibrated (the ECE's noise floor), reliability, per_class, confusion_matrix,
+    confusion_matrix_normalized, subgroups, subgroup_gaps, worst_class, n_race_unlabelled, heads. See the
+    module docstring for the bootstrap.
 
     ``heads``: {extra head: its classes}; each head the table scored gets the same keys under
     ``heads[name]`` (its subgroups empty), plus ``n_unlabelled``: images without that head's label.
@@ -394,7 +439,7 @@ def _evaluate_head(df: pd.DataFrame, classes: Sequence[str], n_boot: int, seed: 
         "accuracy": bootstrap_ci(lambda w: weighted_rate(w, correct), weights, ci),
         "balanced_accuracy": bootstrap_ci(lambda w: balanced_rate(w, y, correct, k), weights, ci),
         "macro_f1": float(np.mean(f1_present)) if f1_present else None,
-        **_calibration(valid, probability_matrix(valid, k), correct, k),
+        **_calibration(valid, probability_matrix(valid, k), correct, k, seed),
         "per_class": per_class,
         "confusion_matrix": cm,
         "confusion_matrix_normalized": cm_normalized,

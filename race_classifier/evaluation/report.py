@@ -16,8 +16,8 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from race_classifier.data.image_io import load_rgb
-from race_classifier.evaluation.formatting import (_missing, ci_label, fmt_ci, fmt_count, fmt_num, fmt_p, fmt_pct,
-                                                   fmt_points, fmt_pp, fmt_pp_ci, fmt_value)
+from race_classifier.evaluation.formatting import (_missing, ci_label, fmt_ci, fmt_count, fmt_ece_floor, fmt_num,
+                                                   fmt_p, fmt_pct, fmt_points, fmt_pp, fmt_pp_ci, fmt_value)
 from race_classifier.utils import atomic_write_text
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
@@ -37,7 +37,7 @@ def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(pct=fmt_pct, pp=fmt_pp, ci=fmt_ci, num=fmt_num, integer=fmt_count, points=fmt_points, p=fmt_p,
-                       value=fmt_value)
+                       value=fmt_value, ece_floor=lambda floor: fmt_ece_floor(floor, percent=True))
     env.globals["pp_ci"] = fmt_pp_ci
     return env
 
@@ -254,6 +254,7 @@ def _summary(evaluation: dict, classes: list[str]) -> dict:
         "balanced_accuracy": evaluation.get("balanced_accuracy") or {},
         "macro_f1": evaluation.get("macro_f1"),
         "ece": evaluation.get("ece"),
+        "ece_if_calibrated": evaluation.get("ece_if_calibrated"),
         "log_loss": evaluation.get("log_loss"),
         "n": evaluation.get("n"),
         "n_errors": evaluation.get("n_errors"),

@@ -6,9 +6,10 @@ Keys (all plain Python types and tensors, so ``torch.load(..., weights_only=True
   ``heads`` (race.heads.HeadLayout.to_dict) when the model has gender/age heads besides race: the model's
   output is then every head's logits side by side, race first (files without it are race-only).
 best.pt also gets, once training ends (or from ``race-classifier calibrate``), ``calibration``:
-  {"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "fitted_on", "n",
+  {"temperature", "ece_before", "ece_after", "ece_if_calibrated", "nll_before", "nll_after", "fitted_on", "n",
    "abstention": {"threshold", "target_coverage", "coverage", "accuracy_at_coverage", "accuracy_all"}}
-Files without it load as before (temperature 1, no abstention threshold).
+Files without it load as before (temperature 1, no abstention threshold). ``ece_if_calibrated`` (ece_after's
+noise floor, evaluation.metrics.ece_if_calibrated) is absent from files calibrated before it existed.
 """
 from __future__ import annotations
 

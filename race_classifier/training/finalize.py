@@ -44,13 +44,15 @@ CARD_SECTIONS = ("Model details", "Intended use", "Out-of-scope uses", "Factors"
 DEFAULT_COVERAGE = 0.95
 
 
-def calibrate_logits(logits: np.ndarray, labels: np.ndarray, coverage: float = DEFAULT_COVERAGE) -> dict:
-    """Temperature, ECE/NLL before and after, and the abstention threshold, from readable rows only."""
+def calibrate_logits(logits: np.ndarray, labels: np.ndarray, coverage: float = DEFAULT_COVERAGE,
+                     seed: int = 0) -> dict:
+    """Temperature, ECE/NLL before and after (with the calibrated ECE's noise floor, ``ece_if_calibrated``),
+    and the abstention threshold, from readable rows only."""
     import numpy as np
 
     from race_classifier.evaluation.calibration import (abstention_summary, choose_threshold, fit_temperature,
                                                         nll, softmax)
-    from race_classifier.evaluation.metrics import expected_calibration_error
+    from race_classifier.evaluation.metrics import ece_if_calibrated, expected_calibration_error
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
     temperature = fit_temperature(logits, labels)
     before, after = softmax(logits), softmax(logits, temperature)
@@ -58,10 +60,12 @@ def calibrate_logits(logits: np.ndarray, labels: np.ndarray, coverage: float = D
     confidence = after.max(1)
     threshold = choose_threshold(confidence, coverage)
     abstention = abstention_summary(confidence, correct, threshold, coverage)
+    ece_after = expected_calibration_error(confidence, correct)[0]
     return {
         "temperature": temperature,
         "ece_before": expected_calibration_error(before.max(1), correct)[0],
-        "ece_after": expected_calibration_error(confidence, correct)[0],
+        "ece_after": ece_after,
+        "ece_if_calibrated": ece_if_calibrated(confidence, ece_after, seed=seed),
         "nll_before": nll(logits, labels),
         "nll_after": nll(logits, labels, temperature),
         "abstention": {k: abstention[k] for k in ("threshold", "target_coverage", "coverage",
@@ -69,19 +73,21 @@ def calibrate_logits(logits: np.ndarray, labels: np.ndarray, coverage: float = D
     }
 
 
-def calibrate_head(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """A gender or age head's temperature, with ECE and NLL before and after, from its labelled rows."""
+def calibrate_head(logits: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """A gender or age head's temperature, with ECE and NLL before and after (and the calibrated ECE's
+    noise floor), from its labelled rows."""
     import numpy as np
 
     from race_classifier.evaluation.calibration import fit_temperature, nll, softmax
-    from race_classifier.evaluation.metrics import expected_calibration_error
+    from race_classifier.evaluation.metrics import ece_if_calibrated, expected_calibration_error
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
     temperature = fit_temperature(logits, labels)
     before, after = softmax(logits), softmax(logits, temperature)
     correct = (before.argmax(1) == labels).astype(float)
+    ece_after = expected_calibration_error(after.max(1), correct)[0]
     return {"temperature": temperature,
             "ece_before": expected_calibration_error(before.max(1), correct)[0],
-            "ece_after": expected_calibration_error(after.max(1), correct)[0],
+            "ece_after": ece_after, "ece_if_calibrated": ece_if_calibrated(after.max(1), ece_after, seed=seed),
             "nll_before": nll(logits, labels), "nll_after": nll(logits, labels, temperature),
             "n": int(len(labels))}
 
@@ -121,7 +127,7 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
         log.warning("no readable race-labelled validation image: %s is not calibrated, no model card written",
                     best_path)
         return None
-    calibration = calibrate_logits(parts["race"][race_rows], labels[race_rows], coverage)
+    calibration = calibrate_logits(parts["race"][race_rows], labels[race_rows], coverage, seed)
     calibration.update(fitted_on=str(val_txt), n=int(race_rows.sum()))
     head_truth = {}
     if heads.extra:
@@ -132,7 +138,8 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
             if not rows.any():
                 log.warning("no validation image labelled for the %s head: its temperature stays 1", head.name)
                 continue
-            calibration["heads"][head.name] = calibrate_head(parts[head.name][rows], head_truth[head.name][rows])
+            calibration["heads"][head.name] = calibrate_head(parts[head.name][rows], head_truth[head.name][rows],
+                                                             seed)
     ckpt["calibration"] = calibration
     atomic_torch_save(ckpt, best_path)
     a = calibration["abstention"]
@@ -181,13 +188,13 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
     (``evaluation["heads"]``, ``calibration["heads"]``) and caveats."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-    from race_classifier.evaluation.formatting import fmt_interval, fmt_num, fmt_pct
+    from race_classifier.evaluation.formatting import fmt_ece_floor, fmt_interval, fmt_num, fmt_pct
 
     from race_classifier import __version__
     env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=False, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters.update(pct=lambda v, digits=2: fmt_pct(v, digits), ci=lambda e, digits=2: fmt_interval(e, digits),
-                       num=lambda v, digits=4: fmt_num(v, digits))
+                       num=lambda v, digits=4: fmt_num(v, digits), ece_floor=fmt_ece_floor)
     train_args = ckpt.get("train_args") or {}
     val_counts, train_counts = _counts(val_samples, taxonomy), _counts(train_samples, taxonomy)
     context = {
