@@ -44,7 +44,7 @@ from race_classifier.data.synthetic import PATTERNS, generate
 from race_classifier.data.transforms import Augmentation, Preprocessing, build_transform
 from race_classifier.models.factory import create_model
 from race_classifier.training.engine import MultiHeadLoss, autocast
-from race_classifier.training.train import compile_unavailable, resolve_amp, resolve_device
+from race_classifier.training.accel import compile_unavailable, resolve_amp, resolve_device
 
 FAIRFACE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fairface"
 KEEPS_UP = 0.10  # the input keeps up when the model waits for it at most this share of the time

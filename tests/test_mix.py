@@ -15,11 +15,12 @@ from PIL import Image
 from race_classifier.cli import main as cli_main
 from race_classifier.data.manifest import read_manifest
 from race_classifier.data.sampler import EpochSampler, class_balanced_weights, source_weighted
-from race_classifier.data.transforms import build_transform
+from race_classifier.data.transforms import Preprocessing, build_transform
 from race_classifier.labels import get_taxonomy
 from race_classifier.models.checkpoint import load_model
 from race_classifier.training import config
-from race_classifier.training.train import Trainer
+from race_classifier.training.distributed import World
+from race_classifier.training.run_data import RunSamples, build_loaders
 from race_classifier.training.train import main as train_main
 
 SEED5 = get_taxonomy("seed5")
@@ -98,16 +99,17 @@ def test_source_weights_set_each_sources_share_of_an_epochs_draws(mix_config, tm
                               "mobilenetv3_small_050", "--image_size", "24", "--workers", "0",
                               "--balance", "sampler"])
     assert args.source_weights == str(out / "source_weights.yaml")  # found beside the manifest
-    trainer = Trainer(args)
-    sources = [s.source for s in trainer.train_samples]
+    samples = RunSamples.read(args)  # the run's data alone: no model needed to check its draws
+    sampler = build_loaders(args, World(), samples, Preprocessing(image_size=24), torch.device("cpu")).sampler
+    sources = [s.source for s in samples.train]
     sizes = Counter(sources)
     draws, classes_in_inhouse = Counter(), Counter()
     for epoch in range(40):
-        trainer.sampler.set_epoch(epoch)
-        for i in trainer.sampler.order():
+        sampler.set_epoch(epoch)
+        for i in sampler.order():
             draws[sources[i]] += 1
             if sources[i] == "inhouse":
-                classes_in_inhouse[trainer.train_samples[i].label] += 1
+                classes_in_inhouse[samples.train[i].label] += 1
     total = sum(draws.values())
     assert total == 40 * len(sources)
     for name, share in (("utkface", 0.2), ("inhouse", 0.5), ("fairface", 0.3)):

@@ -16,7 +16,7 @@ from race_classifier.data.manifest import read_manifest
 from race_classifier.data.sampler import EpochSampler, SeededEpochSampler, class_balanced_weights
 from race_classifier.data.transforms import Augmentation, Preprocessing, build_transform
 from race_classifier.labels import get_taxonomy
-from race_classifier.training import train as train_module
+from race_classifier.training import accel
 from race_classifier.training.engine import EpochProgress, MultiHeadLoss, train_one_epoch
 from race_classifier.training.train import Trainer
 from race_classifier.training.train import main as train_main
@@ -205,7 +205,7 @@ def test_persistent_workers_default_on_with_workers(manifests, tmp_path):
 
 def test_compile_without_a_cpp_compiler_is_one_clear_error(manifests, tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(train_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(accel.shutil, "which", lambda name: None)
     assert train_main(train_args(manifests, tmp_path / "run", "--num_epochs", "1", "--compile")) == 2
     assert "--compile: torch.compile on a CPU needs a C++ compiler" in caplog.text
     assert "Traceback" not in caplog.text

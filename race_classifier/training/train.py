@@ -13,9 +13,9 @@ same weights every rank holds, so the figures are a single process's. Rank 0 alo
 log, checkpoints, skipped-image listing and model card; the other ranks print nothing but errors. Every rank
 resumes from last.pt, whose RNG state is rank 0's.
 
-One training DataLoader serves the whole run (its workers persist across epochs with --persistent_workers): the
-sampler sets each epoch's order, and gives every image an augmentation seed of its own (SeededEpochSampler),
-so augmentation is a function of (seed, epoch, slot in the epoch), whatever the worker processes.
+What the run reads (manifests, heads, datasets, the sampler and the loaders) is set up in run_data.py;
+devices, mixed precision and torch.compile in accel.py. This module holds the model, the optimizer, the
+loop and the checkpoints.
 
 --accum_steps N: one optimizer step per N batches (engine.train_one_epoch); the schedule, global_step and
 --save_every_steps count optimizer steps, and mid-epoch checkpoints fall between steps. --compile:
@@ -27,7 +27,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -35,77 +34,21 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from torch.utils.data import DataLoader
 
-from race_classifier.data.cache import ImageCache, cache_size_for
-from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
-from race_classifier.data.manifest import read_manifest
-from race_classifier.data.mix import read_source_weights
-from race_classifier.data.sampler import (SeededEpochSampler, class_balanced_weights, group_balanced_weights,
-                                          source_weighted)
-from race_classifier.data.shards import find_shards
-from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augmentation, Preprocessing, build_transform
-from race_classifier.heads import AgeBins, HeadLayout, gender_classes, targets_tensor
-from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
+from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from race_classifier.heads import HeadLayout
 from race_classifier.models.checkpoint import load_checkpoint, save_checkpoint
 from race_classifier.models.factory import create_model
-from race_classifier.training import config
+from race_classifier.training import TrainingError, config
+from race_classifier.training.accel import compile_model, is_compile_error, resolve_amp, resolve_device
 from race_classifier.training.distributed import World, init_from_env, teardown
 from race_classifier.training.engine import EpochProgress, MultiHeadLoss, evaluate, train_one_epoch
 from race_classifier.training.report import append_csv_row, epoch_row, format_epoch, rewrite_csv
-from race_classifier.training.rng import get_rng_state, seed_everything, seed_worker, set_rng_state
+from race_classifier.training.rng import get_rng_state, seed_everything, set_rng_state
+from race_classifier.training.run_data import RunSamples, build_loaders
 from race_classifier.utils import atomic_write_text
 
 log = logging.getLogger("race_classifier.train")
-
-
-class TrainingError(ValueError):
-    """A run that cannot start as asked (nothing to resume, files in the way, another model's checkpoint)."""
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
-def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
-    if spec == "off" or (device.type != "cuda" and spec == "auto"):
-        return None
-    if device.type != "cuda":
-        if spec == "fp16":
-            raise TrainingError("--amp fp16 needs CUDA (fp16 without a loss scaler underflows); use bf16 on CPU")
-        return torch.bfloat16
-    if spec == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[spec]
-
-
-def compile_unavailable(device: torch.device) -> str | None:
-    """Why torch.compile's default backend (inductor) cannot work on ``device`` here, or None: it generates
-    Triton kernels on a GPU and C++ on a CPU, and says so only at the first step, deep in a traceback."""
-    if device.type == "cuda":
-        from torch.utils._triton import has_triton
-        return None if has_triton() else "torch.compile on a GPU needs Triton, which is not installed"
-    compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
-    if not any(c and shutil.which(c) for c in compilers):
-        return "torch.compile on a CPU needs a C++ compiler (g++ or clang++; none found, and CXX is not set)"
-    return None
-
-
-def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
-    reason = compile_unavailable(device)
-    if reason is None:
-        try:
-            return torch.compile(model)
-        except RuntimeError as e:  # e.g. a Python version or platform that torch.compile does not support
-            reason = str(e).splitlines()[0]
-    raise TrainingError(f"--compile: {reason}; run without --compile")
-
-
-def _is_compile_error(error: BaseException) -> bool:
-    from torch._dynamo.exc import TorchDynamoException
-    return isinstance(error, TorchDynamoException)
 
 
 def _better(value: float | None, best: float | None, metric: str) -> bool:
@@ -127,22 +70,9 @@ class Trainer:
         self.last_path, self.best_path = self.dir / "last.pt", self.dir / "best.pt"
         self.skipped: dict[str, str] = {}  # path -> reason, over the whole run
 
-        self.taxonomy = get_taxonomy(args.taxonomy)
-        self.classes = list(self.taxonomy.classes)
-        mapping = None
-        if args.source_taxonomy or args.label_map:
-            source = get_taxonomy(args.source_taxonomy) if args.source_taxonomy else self.taxonomy
-            mapping = get_mapping(source, self.taxonomy, load_label_map(args.label_map) if args.label_map else None)
-        head_names = tuple(args.heads.split(","))
-        multi = head_names != ("race",)
-        self.train_samples = read_manifest(args.train_txt, self.taxonomy, mapping, keep_unlabelled=multi)
-        self.val_samples = read_manifest(args.val_txt, self.taxonomy, mapping, keep_unlabelled=multi)
-        self.heads = HeadLayout.build(self.classes, head_names,
-                                      gender_classes(s.gender for s in self.train_samples),
-                                      AgeBins.parse(args.age_bins) if "age" in head_names else None)
-        self.train_targets = targets_tensor(self.heads, self.train_samples, args.train_txt)
-        self.val_targets = targets_tensor(self.heads, self.val_samples, args.val_txt)
-        self._warn_about_class_coverage()
+        self.samples = RunSamples.read(args)
+        self.taxonomy, self.classes, self.heads = self.samples.taxonomy, self.samples.classes, self.samples.heads
+        self.train_samples, self.val_samples = self.samples.train, self.samples.val
 
         seed_everything(args.seed)
         pretrained = None if args.resume else args.pretrained
@@ -163,117 +93,25 @@ class Trainer:
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
         self.preprocessing = Preprocessing(image_size=args.image_size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
                                            std=tuple(cfg.get("std", IMAGENET_STD)))
-        aug = Augmentation(hflip=args.hflip, scale=(args.scale_min, 1.0), color_jitter=args.color_jitter)
-        train_cache, val_cache = self._image_caches()
-        self.train_set = FaceDataset(self.train_samples, build_transform(self.preprocessing, True, aug),
-                                     train_cache, draft_size=args.image_size, targets=self.train_targets)
-        self.val_set = FaceDataset(self.val_samples, build_transform(self.preprocessing, False),
-                                   val_cache, draft_size=args.image_size, targets=self.val_targets)
+        self.data = build_loaders(args, world, self.samples, self.preprocessing, self.device)
 
-        self.val_sources = self._validation_sources()
-        self.sampler = SeededEpochSampler(len(self.train_set), args.seed, rank=world.rank, world_size=world.size,
-                                          weights=self._sampling_weights(self.train_set.labels))
-        per_rank = self.sampler.shard_size
-        self.drop_last = per_rank >= args.batch_size  # no size-1 batches for BatchNorm
-        batches_per_epoch = max(1, per_rank // args.batch_size if self.drop_last else 1)
-        self.steps_per_epoch = -(-batches_per_epoch // args.accum_steps)  # optimizer steps: the last group steps too
-        total_steps = self.steps_per_epoch * args.num_epochs
+        total_steps = self.data.steps_per_epoch * args.num_epochs
         self.optimizer = create_optimizer_v2(self.model, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
         min_lr = args.learning_rate * args.min_lr_ratio
         self.scheduler = CosineLRScheduler(
             self.optimizer, t_initial=total_steps, lr_min=min_lr, t_in_epochs=False,
-            warmup_t=int(args.warmup_epochs * self.steps_per_epoch), warmup_lr_init=min_lr, warmup_prefix=True)
+            warmup_t=int(args.warmup_epochs * self.data.steps_per_epoch), warmup_lr_init=min_lr, warmup_prefix=True)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
-        labels = torch.tensor(self.train_set.labels)
+        labels = torch.tensor(self.data.train_set.labels)
         class_weights = None
         if args.balance == "loss":
             counts = torch.bincount(labels[labels >= 0], minlength=self.taxonomy.num_classes).float()
             class_weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
         self.criterion = MultiHeadLoss(list(self.heads.slices().values()), class_weights,
                                        args.label_smoothing).to(self.device)
-
-        self.train_loader = DataLoader(
-            self.train_set, batch_size=args.batch_size, sampler=self.sampler, num_workers=args.workers,
-            collate_fn=collate_skipping_failures, drop_last=self.drop_last, pin_memory=self.device.type == "cuda",
-            persistent_workers=args.persistent_workers, worker_init_fn=seed_worker,
-            # Its own generator: starting an epoch's iteration draws nothing from the global RNG.
-            generator=torch.Generator().manual_seed(args.seed * 7919 + 104_729 * world.rank))
-        self.val_loader = DataLoader(self.val_set, batch_size=args.batch_size, shuffle=False,
-                                     num_workers=args.workers, collate_fn=collate_skipping_failures,
-                                     pin_memory=self.device.type == "cuda",
-                                     persistent_workers=args.persistent_workers)
         self.start_epoch, self.global_step, self.history = 0, 0, []
         self.progress, self.elapsed = EpochProgress.empty(len(self.heads.heads)), 0.0
-
-    def _image_caches(self) -> tuple[ImageCache | None, ImageCache | None]:
-        """(train, val) pre-resized images: --cache_dir (built here), else prepared shards (--shards), else none."""
-        args, world = self.args, self.world
-        if args.cache_dir:
-            size = cache_size_for(args.image_size)
-            if not world.main:  # rank 0 builds the cache; the others then load it
-                world.barrier()
-            train_cache = ImageCache.build_or_load(self.train_samples, size, args.cache_dir, args.workers)
-            val_cache = ImageCache.build_or_load(self.val_samples, size, args.cache_dir, args.workers)
-            if world.main:
-                world.barrier()
-            return train_cache, val_cache
-        root = find_shards(args.shards, args.train_txt, args.image_size)
-        if root is None:
-            return None, None
-        shards = ImageCache.open(root)
-        log.info("reading images from the prepared shards in %s (%d px)", root, shards.size)
-        return shards.for_samples(self.train_samples), shards.for_samples(self.val_samples)
-
-    def _sampling_weights(self, labels: list[int]) -> torch.Tensor | None:
-        """Per-sample draw weights for --balance sampler (classes) or group (race x gender cells), and in a
-        mix with --source_weights, each source's share of the draws (the balance mode applied within it)."""
-        def balance(indices: list[int]) -> torch.Tensor | None:
-            subset = [labels[i] for i in indices]
-            if self.args.balance == "sampler":
-                return class_balanced_weights(subset, self.taxonomy.num_classes)
-            if self.args.balance == "group":
-                return group_balanced_weights(subset, [self.train_samples[i].gender for i in indices])
-            return None
-
-        if self.args.balance == "group" and not any(s.gender for s in self.train_samples):
-            log.warning("--balance group: the training manifest has no gender column, so every class is one "
-                        "cell and this is class-balanced sampling")
-        if not self.args.source_weights:
-            return balance(list(range(len(labels))))
-        shares = read_source_weights(self.args.source_weights)
-        present = {s.source for s in self.train_samples}
-        absent = [n for n in shares if n not in present]
-        if absent:
-            log.warning("--source_weights names source(s) the training manifest does not have: %s", ", ".join(absent))
-        try:
-            weights = source_weighted([s.source for s in self.train_samples], shares, balance)
-        except ValueError as e:
-            raise TrainingError(f"{self.args.train_txt}: {e}") from None
-        total = sum(shares[n] for n in present)
-        log.info("sampling by source: %s", ", ".join(f"{n} {shares[n] / total:.1%}" for n in sorted(present)))
-        return weights
-
-    def _validation_sources(self) -> list[str] | None:
-        """The validation manifest's sources when it has more than one (a mix): each gets its accuracy logged."""
-        names = list(dict.fromkeys(s.source for s in self.val_samples if s.source))
-        if len(names) < 2:
-            return None
-        taken = {"balanced", "worst_class"} | {h.name for h in self.heads.extra}
-        for name in names:
-            if name in taken or any(name.startswith(f"{h.name}_") for h in self.heads.extra):
-                raise TrainingError(f"{self.args.val_txt}: source name {name!r} would clash with the log column "
-                                    f"of another figure (val_{name}_accuracy); rename the source")
-        return names
-
-    def _warn_about_class_coverage(self) -> None:
-        for name, samples in (("training", self.train_samples), ("validation", self.val_samples)):
-            counts = torch.bincount(torch.tensor([s.label for s in samples if s.label >= 0], dtype=torch.long),
-                                    minlength=len(self.classes))
-            empty = [c for c, n in zip(self.classes, counts.tolist()) if n == 0]
-            if empty:
-                log.warning("no %s images for class(es) %s: their %s accuracy is reported as n/a",
-                            name, ", ".join(empty), name)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -373,15 +211,15 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, on_step) -> int:
         """One epoch's training from where ``self.progress`` stands; returns the new global step."""
-        self.sampler.set_epoch(epoch, start=self.progress.batches * self.args.batch_size)
+        self.data.sampler.set_epoch(epoch, start=self.progress.batches * self.args.batch_size)
         try:
             return train_one_epoch(
-                self.train_model, self.train_loader, self.criterion, self.optimizer, self.scheduler,
+                self.train_model, self.data.train_loader, self.criterion, self.optimizer, self.scheduler,
                 self.scaler, self.device, self.amp_dtype, self.progress, self.global_step,
                 desc=f"epoch {epoch + 1}/{self.args.num_epochs}", on_step=on_step, show=self.world.main,
                 memory_format=self.memory_format, accum_steps=self.args.accum_steps)
         except Exception as e:
-            if self.args.compile and _is_compile_error(e):
+            if self.args.compile and is_compile_error(e):
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise TrainingError(f"--compile: torch.compile failed on this model and machine ({first_line}); "
                                     "run without --compile") from e
@@ -413,7 +251,7 @@ class Trainer:
         best = None
         for row in self.history:
             best = row[best_metric] if _better(row[best_metric], best, best_metric) else best
-        print(f"Training {args.dataset}: {args.arch} on {len(self.train_set)} training / {len(self.val_set)} "
+        print(f"Training {args.dataset}: {args.arch} on {len(self.train_samples)} training / {len(self.val_samples)} "
               f"validation images, {len(self.classes)} classes ({', '.join(self.classes)}), device {self.device}"
               + (f" x {self.world.size} processes" if self.world.distributed else ""),
               flush=True)
@@ -430,9 +268,9 @@ class Trainer:
             self.global_step = self._train_epoch(epoch, on_step)
             val = None
             if self.world.main:  # the unwrapped model: no collectives while the other ranks wait
-                val = evaluate(self.model, self.val_loader, self.device, self.amp_dtype, self.heads,
+                val = evaluate(self.model, self.data.val_loader, self.device, self.amp_dtype, self.heads,
                                memory_format=self.memory_format,
-                               sources=[s.source for s in self.val_samples] if self.val_sources else None)
+                               sources=[s.source for s in self.val_samples] if self.data.val_sources else None)
             val = self.world.broadcast(val)
             p = self._epoch_progress()
             row = epoch_row(epoch + 1, p.loss_sum / p.seen if p.seen else float("nan"),
@@ -450,11 +288,10 @@ class Trainer:
             self.save_last(epoch + 1, in_progress=False)
             if self.world.main:
                 append_csv_row(args.log_file, row)
-            print(format_epoch(row, args.num_epochs, self.classes, self.heads, self.val_sources), flush=True)
+            print(format_epoch(row, args.num_epochs, self.classes, self.heads, self.data.val_sources), flush=True)
             self._report_skipped(p.failures, self.train_samples, epoch + 1)
             self._report_skipped(val["failures"], self.val_samples, epoch + 1)
-        # Persistent workers would idle through finalize (which reads the images with loaders of its own).
-        self.train_loader = self.val_loader = None
+        self.data.close()
         if args.patience and self._epochs_since_best(best_metric) >= args.patience:
             print(f"Early stopping: no {best_metric} improvement in {args.patience} epochs", flush=True)
         summary = self._summary(best_metric)
