@@ -106,7 +106,7 @@ def test_training_writes_calibration_and_model_card(calibrated, manifests):
         assert float(row.group(2)) == pytest.approx(100 * ckpt["metrics"][class_key(name)], abs=0.006)
 
 
-def test_calibrate_command_matches_training_on_an_old_checkpoint(calibrated, manifests, tmp_path):
+def test_calibrate_command_matches_training_on_an_old_checkpoint(calibrated, manifests, tmp_path, capsys):
     ckpt = load_checkpoint(calibrated)
     old = {k: v for k, v in ckpt.items() if k != "calibration"}
     atomic_torch_save(old, tmp_path / "best.pt")
@@ -115,6 +115,11 @@ def test_calibrate_command_matches_training_on_an_old_checkpoint(calibrated, man
                      str(manifests / "val.txt"), "--workers", "0", "--n_boot", "50"]) == 0
     redone = load_checkpoint(tmp_path / "best.pt")
     assert redone["calibration"]["temperature"] == pytest.approx(ckpt["calibration"]["temperature"], rel=1e-4)
+    # The summary line puts the calibrated ECE beside what sampling noise alone would give.
+    floor = re.search(r"ECE [\d.]+ -> ([\d.]+) \(perfectly calibrated: ([\d.]+) expected",
+                      capsys.readouterr().out)
+    assert floor and float(floor.group(1)) == pytest.approx(redone["calibration"]["ece_after"], abs=1e-4)
+    assert float(floor.group(2)) == pytest.approx(redone["calibration"]["ece_if_calibrated"]["mean"], abs=1e-4)
     assert set(old) <= set(redone) and (tmp_path / MODEL_CARD).is_file()
     torch.testing.assert_close(redone["state_dict"], ckpt["state_dict"])
 

@@ -103,7 +103,7 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
     import numpy as np
 
     from race_classifier.evaluation.calibration import softmax
-    from race_classifier.evaluation.formatting import fmt_pct
+    from race_classifier.evaluation.formatting import fmt_ece_floor, fmt_pct
     from race_classifier.evaluation.metrics import evaluate_predictions
     from race_classifier.evaluation.runner import predict_logits, predictions_table
     from race_classifier.heads import targets_tensor
@@ -144,12 +144,13 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
     atomic_torch_save(ckpt, best_path)
     a = calibration["abstention"]
     print(f"Calibrated {best_path} on {calibration['n']} validation images: temperature "
-          f"{calibration['temperature']:.3f}, ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}; "
-          f"abstention threshold {a['threshold']:.4f} answers {100 * a['coverage']:.1f}% "
+          f"{calibration['temperature']:.3f}, ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f} "
+          f"(perfectly calibrated: {fmt_ece_floor(calibration['ece_if_calibrated'])}); abstention threshold {a['threshold']:.4f} answers {100 * a['coverage']:.1f}% "
           f"(accuracy {fmt_pct(a['accuracy_at_coverage'], 2)} vs {fmt_pct(a['accuracy_all'], 2)} on all)", flush=True)
     for name, c in calibration.get("heads", {}).items():
         print(f"  {name} head on {c['n']} images: temperature {c['temperature']:.3f}, "
-              f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}", flush=True)
+              f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f} (perfectly calibrated: {fmt_ece_floor(c['ece_if_calibrated'])})",
+              flush=True)
 
     if model_card:
         def calibrated(name: str, temperature: float) -> np.ndarray:
