@@ -189,13 +189,14 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
     (``evaluation["heads"]``, ``calibration["heads"]``) and caveats."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-    from race_classifier.evaluation.formatting import fmt_ece_floor, fmt_interval, fmt_num, fmt_pct
+    from race_classifier.evaluation.formatting import fmt_ece_floor, fmt_interval, fmt_num, fmt_pct, fmt_points
 
     from race_classifier import __version__
     env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=False, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters.update(pct=lambda v, digits=2: fmt_pct(v, digits), ci=lambda e, digits=2: fmt_interval(e, digits),
-                       num=lambda v, digits=4: fmt_num(v, digits), ece_floor=fmt_ece_floor)
+                       num=lambda v, digits=4: fmt_num(v, digits), ece_floor=fmt_ece_floor,
+                       points=lambda v, digits=2: fmt_points(v, digits))
     train_args = ckpt.get("train_args") or {}
     val_counts, train_counts = _counts(val_samples, taxonomy), _counts(train_samples, taxonomy)
     context = {
