@@ -362,6 +362,24 @@ def test_cli_rejects_options_of_other_kinds(utk, tmp_path):
 
 # ----------------------------------------------------------------------------------------- real data
 
+def test_same_seed_holds_out_the_same_images_in_every_taxonomy(tmp_path):
+    """Models trained in fairface7 and in seed5 can then be compared on the same faces."""
+    csv_path = write_fairface(tmp_path / "ff", fairface_rows(per_race=8))
+    label_map = tmp_path / "map.yaml"
+    label_map.write_text("Middle Eastern: null\n")
+    val_files = {}
+    for name, extra in (("fairface7", ["--taxonomy", "fairface7"]), ("seed5", []),
+                        ("seed5_no_me", ["--label_map", str(label_map)])):
+        out = tmp_path / name
+        assert P.run(parse(["fairface", str(csv_path), "--out", str(out), "--val_fraction", "0.25",
+                            "--seed", "5", *extra])) == 0
+        val_files[name] = {line.split("\t")[0] for line in (out / "val.txt").read_text().splitlines()[1:]}
+    assert len(val_files["fairface7"]) == 14  # a quarter of each of the 7 classes' 8 images
+    assert val_files["seed5"] == val_files["fairface7"]
+    # A class the mapping drops leaves the rest of the hold-out as it was.
+    assert val_files["seed5_no_me"] == {f for f in val_files["fairface7"] if "Middle_Eastern" not in f}
+
+
 FAIRFACE_SHARED_COUNTS = {"White": 6623, "Latino_Hispanic": 5400, "Indian": 5028, "Black": 5002,
                           "East Asian": 4881, "Southeast Asian": 4339, "Middle Eastern": 3727}
 

@@ -170,22 +170,23 @@ def read_mix_source(source: MixSource) -> tuple[list[Record], list[Record] | Non
 def prepare_mix(config: MixConfig, out_dir: str | Path) -> dict:
     """Read, map and split every source; write train.txt, val.txt (with a source column), classes.txt and,
     with weights, source_weights.yaml. Returns a summary (``format_mix_summary``)."""
-    from race_classifier.data.prepare import map_records, split_by_identity  # prepare imports this module
+    from race_classifier.data.prepare import map_records, split_then_map  # prepare imports this module
     train: list[Record] = []
     val: list[Record] = []
     per_source = {}
     for source in config.sources:
         mapping = get_mapping(source.taxonomy, config.taxonomy, source.label_map)
         records, given_val = read_mix_source(source)
-        kept, dropped = map_records(records, mapping)
         if given_val is not None:
+            source_train, dropped = map_records(records, mapping)
             source_val, val_dropped = map_records(given_val, mapping)
             dropped += val_dropped
-            source_train = kept
         else:
-            if not kept:
-                raise PrepareError(f"source {source.name!r}: no images left after mapping ({sum(dropped.values())} dropped)")
-            source_train, source_val = split_by_identity(kept, config.val_fraction, config.seed)
+            try:
+                source_train, source_val, dropped = split_then_map(records, mapping, config.val_fraction,
+                                                                   config.seed)
+            except PrepareError as e:
+                raise PrepareError(f"source {source.name!r}: {e}") from None
         if not source_train or not source_val:
             raise PrepareError(f"source {source.name!r}: no {'training' if not source_train else 'validation'} "
                                "images left after mapping")

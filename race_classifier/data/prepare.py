@@ -3,7 +3,8 @@
 The source (a folder tree, FairFace's label CSV or UTKFace's files) is read by ``sources``. Labels
 are read in the source's taxonomy and mapped to the target taxonomy (``get_mapping``); classes
 the mapping drops are left out and counted. Validation images are split off by identity, so no person
-is on both sides, stratified by class and seeded. Outputs: ``train.txt``, ``val.txt`` (absolute path,
+is on both sides, stratified by source class and seeded, before mapping (so a seed holds out the same
+images in every taxonomy). Outputs: ``train.txt``, ``val.txt`` (absolute path,
 class name, gender, age) and ``classes.txt``; ``mix`` combines several sources (``mix.py``), and
 ``--shards`` also stores the images pre-resized for training (``shards.py``).
 
@@ -99,6 +100,17 @@ def map_records(records: list[Record], mapping: LabelMapping) -> tuple[list[Reco
     return mapped, dropped
 
 
+def split_then_map(records: list[Record], mapping: LabelMapping, val_fraction: float,
+                   seed: int) -> tuple[list[Record], list[Record], Counter]:
+    """(train, val, dropped): split in the source's labels, then map both sides. The same seed thus holds
+    out the same images whatever the target taxonomy, so models trained in different taxonomies are
+    compared on the same faces."""
+    _require_images(*map_records(records, mapping), "")
+    train, val = split_by_identity(records, val_fraction, seed)
+    (train, dropped), (val, val_dropped) = map_records(train, mapping), map_records(val, mapping)
+    return train, val, dropped + val_dropped
+
+
 def prepare(records: list[Record], out_dir: str | Path, source_taxonomy: Taxonomy | str,
             target_taxonomy: Taxonomy | str = DEFAULT_TAXONOMY, label_overrides: dict[str, str | None] | None = None,
             val_fraction: float = 0.1, seed: int = 0, val_records: list[Record] | None = None) -> dict:
@@ -110,11 +122,10 @@ def prepare(records: list[Record], out_dir: str | Path, source_taxonomy: Taxonom
     source, target = get_taxonomy(source_taxonomy), get_taxonomy(target_taxonomy)
     _check_val_fraction(val_fraction)
     mapping = get_mapping(source, target, label_overrides)
-    train, dropped = map_records(records, mapping)
     if val_records is None:
-        _require_images(train, dropped, "")
-        train, val = split_by_identity(train, val_fraction, seed)
+        train, val, dropped = split_then_map(records, mapping, val_fraction, seed)
     else:
+        train, dropped = map_records(records, mapping)
         val, val_dropped = map_records(val_records, mapping)
         _require_images(train, dropped, "training ")
         _require_images(val, val_dropped, "validation ")
