@@ -145,12 +145,13 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
     a = calibration["abstention"]
     print(f"Calibrated {best_path} on {calibration['n']} validation images: temperature "
           f"{calibration['temperature']:.3f}, ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f} "
-          f"(perfectly calibrated: {fmt_ece_floor(calibration['ece_if_calibrated'])}); abstention threshold {a['threshold']:.4f} answers {100 * a['coverage']:.1f}% "
+          f"(perfectly calibrated: {fmt_ece_floor(calibration['ece_if_calibrated'])}); "
+          f"abstention threshold {a['threshold']:.4f} answers {100 * a['coverage']:.1f}% "
           f"(accuracy {fmt_pct(a['accuracy_at_coverage'], 2)} vs {fmt_pct(a['accuracy_all'], 2)} on all)", flush=True)
     for name, c in calibration.get("heads", {}).items():
         print(f"  {name} head on {c['n']} images: temperature {c['temperature']:.3f}, "
-              f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f} (perfectly calibrated: {fmt_ece_floor(c['ece_if_calibrated'])})",
-              flush=True)
+              f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f} "
+              f"(perfectly calibrated: {fmt_ece_floor(c['ece_if_calibrated'])})", flush=True)
 
     if model_card:
         def calibrated(name: str, temperature: float) -> np.ndarray:
