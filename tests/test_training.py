@@ -101,6 +101,26 @@ def test_existing_run_needs_resume_or_overwrite(manifests, tmp_path, caplog):
     assert len(read_log(run / "log.csv")) == 1
 
 
+def test_freeze_until_keeps_the_pretrained_layers_before_the_module(manifests, tmp_path, caplog):
+    from race_classifier.models.factory import create_model
+    pretrained = create_model(ARCH, 4).state_dict()
+    torch.save(pretrained, tmp_path / "imagenet.pth")
+    run = tmp_path / "run"
+    args = train_args(manifests, run, "--num_epochs", "1", "--learning_rate", "0.01",
+                      "--pretrained", str(tmp_path / "imagenet.pth"), "--freeze_until", "blocks.2")
+    assert train_main(args) == 0
+    trained = load_model(run / "last.pt").model
+    changed = {n for n, p in trained.named_parameters() if not torch.equal(p, pretrained[n])}
+    names = [n for n, _ in trained.named_parameters()]
+    first_trained = next(i for i, n in enumerate(names) if n.startswith("blocks.2."))
+    assert not changed & set(names[:first_trained])  # the stem and blocks 0-1 are the pretrained ones
+    assert set(names[first_trained:]) <= changed
+
+    args[args.index("blocks.2")] = "features.4"  # torchvision's MobileNetV2 name, not this timm model's
+    assert train_main(args + ["--overwrite"]) == 2
+    assert "--freeze_until features.4" in caplog.text and "blocks.2" in caplog.text
+
+
 def test_yaml_config_sets_defaults_and_flags_win(manifests, tmp_path):
     from race_classifier.training.config import parse_args
     cfg = tmp_path / "c.yaml"

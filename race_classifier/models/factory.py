@@ -8,6 +8,7 @@ default ImageNet weights), ``--pretrained hf-hub:timm/<name>`` (timm), or a torc
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import timm
@@ -128,3 +129,19 @@ def create_model(arch: str, num_classes: int, pretrained: str | None = None, dro
     if is_file:
         load_backbone_weights(model, pretrained)
     return model
+
+
+def freeze_until(model: nn.Module, module_name: str) -> int:
+    """Stop training every parameter the model defines before the module ``module_name`` (e.g. ``features.4``
+    of torchvision's MobileNetV2: the stem and the two highest-resolution stages). Their gradients are then
+    never computed, which is most of a CPU step's cost at face resolutions; their BatchNorm statistics still
+    follow the faces. Returns how many parameter tensors were frozen."""
+    names = [n for n, _ in model.named_parameters()]
+    starts = [i for i, n in enumerate(names) if n.startswith(module_name + ".")]
+    if not starts:
+        blocks = list(dict.fromkeys(re.match(r"[^.]+(\.\d+)?", n).group(0) for n in names))  # model order
+        raise ValueError(f"--freeze_until {module_name}: no parameters under that module name in this model; "
+                         f"its modules include {', '.join(blocks[:16])}")
+    for param in list(model.parameters())[:starts[0]]:
+        param.requires_grad_(False)
+    return starts[0]

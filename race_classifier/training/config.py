@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--age_bins", default="Child:0,Teen:13,Adult:20,Senior:60",
                    help="age groups by lower age; a range such as FairFace's 10-19 goes to the group holding "
                         "most of its years (a tie leaves it unlabelled)")
+    g.add_argument("--freeze_until", metavar="MODULE",
+                   help="keep the pretrained layers before this module fixed, e.g. features.4 (torchvision:mobilenet_v2) "
+                        "or blocks.2 (timm EfficientNets): no gradients for them, so a CPU step is ~1.6x faster at "
+                        "160 px and ~2x at 224 px")
     g.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier (timm models)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=64, help="images per forward/backward pass (per process)")

@@ -38,7 +38,7 @@ from torch import nn
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from race_classifier.heads import HeadLayout
 from race_classifier.models.checkpoint import load_checkpoint, save_checkpoint
-from race_classifier.models.factory import create_model
+from race_classifier.models.factory import create_model, freeze_until
 from race_classifier.training import TrainingError, config
 from race_classifier.training.accel import compile_model, is_compile_error, resolve_amp, resolve_device
 from race_classifier.training.distributed import World, init_from_env, teardown
@@ -79,6 +79,9 @@ class Trainer:
         self.model = create_model(args.arch, self.heads.num_outputs, pretrained, args.drop_rate).to(self.device)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if args.freeze_until:
+            frozen = freeze_until(self.model, args.freeze_until)
+            log.info("froze the %d parameter tensors before %s", frozen, args.freeze_until)
         self.train_model = self.model  # what training calls: the model itself, its DDP wrapper, compiled
         if world.distributed:
             self.train_model = nn.parallel.DistributedDataParallel(
