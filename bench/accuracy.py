@@ -3,7 +3,7 @@
 recipe's validation manifest, print one table (and optionally write it as JSON).
 
     python bench/accuracy.py --config configs/fairface_seed5.yaml [--variants none,sampler,group] [--tta]
-        [--json out.json] [--model_path [NAME=]existing.pt ...] [--last_layer none,sampler,group]
+        [--json out.json] [--model_path [NAME=]existing.pt ...] [--last_layer none,sampler,group,recall]
         [--eval_taxonomy seed5] [--heads race,gender,age]
         [--max_train_images N --max_val_images M --num_epochs E --image_size S]   # a quick run
 
@@ -16,7 +16,10 @@ gender/age heads too.
 
 ``--last_layer``: for each model, also refit its race layer on frozen features with these balance modes
 (``race-classifier rebalance``; one feature pass, minutes on a CPU) and evaluate each refit: the debiasing
-comparison without a training run per mode. ``none`` is the unweighted refit, the control.
+comparison without a training run per mode. ``none`` is the unweighted refit, the control. ``recall``
+keeps the layer and adds per-class logit offsets fitted on the validation set so that every class reaches
+``--min_recall``; its rows are therefore in-sample, and a line under the table gives the 2-fold cross-fitted
+accuracy and worst class (faces the offsets were not fitted on).
 
 ``--eval_taxonomy``: evaluate in another label set than the model's, labels and probabilities mapped by
 the taxonomy tables (a fairface7 model scored as seed5: East/Southeast Asian -> Asian, Middle Eastern ->
@@ -75,8 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"({', '.join(config.BALANCE_MODES)}; default {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--model_path", action="append", help="evaluate this checkpoint instead of training "
                    "(repeatable; NAME=PATH names its row, else --variants' single name or the checkpoint's --balance)")
-    p.add_argument("--last_layer", help="comma-separated balance modes (none, sampler, group) of last-layer "
-                   "refits of each model, evaluated next to it")
+    p.add_argument("--last_layer", help="comma-separated balance modes (none, sampler, group, recall) of "
+                   "last-layer refits of each model, evaluated next to it")
+    p.add_argument("--min_recall", type=float, default=0.6, help="--last_layer recall: the target per class")
     p.add_argument("--eval_taxonomy", help="evaluate in this taxonomy (labels and predictions mapped)")
     p.add_argument("--heads", help="train the variants with these heads (e.g. race,gender,age)")
     p.add_argument("--tta", action="store_true", help="also evaluate with horizontal-flip test-time augmentation")
@@ -245,12 +249,13 @@ def evaluate_variant(variant: str, checkpoint: Path, recipe, val_txt: str, args)
     return rows, evaluations
 
 
-def last_layer_refits(variant: str, checkpoint: Path, recipe, balances: list[str], workers: int) -> list[tuple[str, Path]]:
+def last_layer_refits(variant: str, checkpoint: Path, recipe, balances: list[str], workers: int,
+                      min_recall: float) -> list[tuple[str, Path]]:
     """(row name, checkpoint) of each last-layer refit of ``checkpoint``, made beside it (reused if there)."""
     from race_classifier.data.manifest import read_manifest
     from race_classifier.models.checkpoint import load_model
     from race_classifier.training.finalize import finalize_run
-    from race_classifier.training.rebalance import extract_features, rebalance
+    from race_classifier.training.rebalance import extract_features, raise_low_recalls, rebalance
     from race_classifier.utils import atomic_torch_save
     loaded = load_model(checkpoint)
     train = read_manifest(recipe.train_txt, loaded.taxonomy)
@@ -259,10 +264,14 @@ def last_layer_refits(variant: str, checkpoint: Path, recipe, balances: list[str
     for balance in balances:
         path = checkpoint.parent / f"last_layer_{balance}" / "best.pt"
         if not (path.is_file() and "calibration" in load_checkpoint(path)):
-            if features is None:
-                features = extract_features(loaded.model, train, loaded.preprocessing, recipe.batch_size, workers)
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(rebalance(checkpoint, train, balance, features=features), path)
+            if balance == "recall":  # offsets on the trained layer, fitted on the validation set
+                ckpt, _ = raise_low_recalls(checkpoint, val, min_recall, recipe.batch_size, workers)
+            else:
+                if features is None:
+                    features = extract_features(loaded.model, train, loaded.preprocessing, recipe.batch_size, workers)
+                ckpt = rebalance(checkpoint, train, balance, features=features)
+            atomic_torch_save(ckpt, path)
             finalize_run(path, val, val_txt=recipe.val_txt, train_samples=train, train_txt=recipe.train_txt,
                          batch_size=recipe.batch_size, workers=workers)
         out.append((f"{variant}+last-layer {balance}", path))
@@ -320,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = train_variant(args.config, variant, out_dir / variant, options, args.retrain)
         runs = [(variant, checkpoint)]
         if args.last_layer:
-            runs += last_layer_refits(variant, checkpoint, recipe, args.last_layer, workers)
+            runs += last_layer_refits(variant, checkpoint, recipe, args.last_layer, workers, args.min_recall)
         for name, path in runs:
             variant_rows, evaluations = evaluate_variant(name, path, recipe, val_txt, args)
             rows += variant_rows
@@ -331,6 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         f" as {args.eval_taxonomy}" if args.eval_taxonomy else "") + (f" (QUICK RUN {quick}: not the recipe's figures)"
                                                                   if quick else "")
     print(f"\n{title}\n{format_table(rows)}")
+    for name, detail in details.items():
+        cross_fit = (load_checkpoint(detail["checkpoint"]).get("train_args") or {}).get("recall_offsets_cross_fit")
+        if cross_fit:
+            detail["recall_offsets_cross_fit"] = cross_fit
+            recalls = {c: r for c, r in cross_fit["recalls"].items() if r == r}  # NaN: a class with no faces
+            worst = min(recalls, key=recalls.get)
+            print(f"{name}: on faces its offsets were not fitted on (2-fold cross-fit, the model's own classes): "
+                  f"accuracy {fmt_pct(cross_fit['accuracy'], 2)}, worst class {worst} "
+                  f"{fmt_pct(recalls[worst], 1)}")
     if args.json:
         result = {"config": args.config, "val_txt": val_txt, "eval_taxonomy": args.eval_taxonomy,
                   "quick": quick, "n_boot": args.n_boot,

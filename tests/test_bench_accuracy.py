@@ -74,15 +74,24 @@ def test_bench_compares_given_models_with_heads_refits_and_another_taxonomy(benc
     out = tmp_path / "bench.json"
     argv = ["--config", str(recipe), "--n_boot", "20", "--model_path", f"race_only={race_only / 'best.pt'}",
             "--model_path", f"multitask={multitask / 'best.pt'}"]
-    assert bench.main([*argv, "--last_layer", "none,group", "--json", str(out)]) == 0
-    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert bench.main([*argv, "--last_layer", "none,group,recall", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
     assert list(rows) == ["race_only", "race_only+last-layer none", "race_only+last-layer group",
-                          "multitask", "multitask+last-layer none", "multitask+last-layer group"]
+                          "race_only+last-layer recall", "multitask", "multitask+last-layer none",
+                          "multitask+last-layer group", "multitask+last-layer recall"]
+    # Recall offsets never lower the worst class (they stop at the target or keep the best worst class seen),
+    # and their out-of-sample estimate is reported.
+    for model in ("race_only", "multitask"):
+        recall_row = rows[f"{model}+last-layer recall"]
+        assert recall_row["worst_class"]["accuracy"] >= rows[model]["worst_class"]["accuracy"]
+        assert 0 <= result["variants"][f"{model}+last-layer recall"]["recall_offsets_cross_fit"]["accuracy"] <= 1
     assert "heads" not in rows["race_only"]
     assert set(rows["multitask"]["heads"]) == {"gender", "age"}
     assert all(0 <= v <= 1 for v in rows["multitask"]["heads"].values())
     assert (multitask / "last_layer_group" / "MODEL_CARD.md").is_file()
-    assert "gender acc." in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "gender acc." in printed and "race_only+last-layer recall: on faces its offsets were not fitted" in printed
     # Scoring in the same classes listed in another order changes nothing.
     reordered = ",".join(reversed((data / "classes.txt").read_text().split()))
     out2 = tmp_path / "bench2.json"

@@ -7,6 +7,12 @@ groups. Here it costs one pass over the images plus a logistic regression (minut
 training run per balance mode, so the debiasing comparison can be made on any trained model. Without
 weights (``--balance none``) it is a control: the same refit, unweighted.
 
+``--balance recall --min_recall 0.6`` changes the trained layer's biases only: per-class logit offsets,
+fitted on the validation set, that lift every class's recall to at least the target while moving the fewest
+faces (post-processing for equal opportunity, as Hardt et al. 2016 do with per-group thresholds; logit
+adjustment in Menon et al. 2021). It trades overall accuracy for the worst class's; the command prints a
+2-fold cross-fitted estimate of both, since the offsets' own validation figures are optimistic.
+
     race-classifier rebalance --model_path runs/x/best.pt --train_txt train.txt --val_txt val.txt \\
         --balance group --out_dir runs/x/last_layer_group
 
@@ -22,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("race_classifier.rebalance")
-BALANCES = ("none", "sampler", "group")
+BALANCES = ("none", "sampler", "group", "recall")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out_dir", required=True, help="where the new best.pt and MODEL_CARD.md go")
     p.add_argument("--balance", choices=BALANCES, default="group",
                    help="sample weights: none, sampler (every class the same total weight), group (every "
-                        "race x gender cell the same total weight)")
+                        "race x gender cell the same total weight); or recall: keep the layer, add per-class "
+                        "offsets fitted on --val_txt so every class reaches --min_recall")
+    p.add_argument("--min_recall", type=float, default=0.6, help="--balance recall: the target recall per class")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
@@ -123,12 +131,95 @@ def fit_last_layer(features: np.ndarray, labels: np.ndarray, num_classes: int, w
     return weight, bias
 
 
+def class_recalls(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Recall of each class (NaN for a class with no faces)."""
+    predicted = logits.argmax(1)
+    return np.array([(predicted[labels == k] == k).mean() if (labels == k).any() else np.nan
+                     for k in range(num_classes)])
+
+
+def fit_recall_offsets(logits: np.ndarray, labels: np.ndarray, min_recall: float, step: float = 0.05,
+                       max_steps: int = 400) -> np.ndarray:
+    """Per-class logit offsets (>= 0) after which every class present in ``labels`` has a recall of at least
+    ``min_recall``: the class furthest below is raised a ``step`` at a time, so offsets stay as small as the
+    target allows. If the target cannot be met, the offsets with the highest worst-class recall seen."""
+    num_classes = logits.shape[1]
+    offsets = np.zeros(num_classes)
+    best, best_worst = offsets.copy(), -1.0
+    for _ in range(max_steps):
+        recalls = class_recalls(logits + offsets, labels, num_classes)
+        low = int(np.nanargmin(recalls))
+        if recalls[low] > best_worst:
+            best, best_worst = offsets.copy(), recalls[low]
+        if recalls[low] >= min_recall:
+            return offsets
+        offsets[low] += step
+    return best
+
+
+def cross_fitted_offsets_estimate(logits: np.ndarray, labels: np.ndarray, min_recall: float,
+                                  seed: int = 0) -> tuple[float, np.ndarray]:
+    """(accuracy, per-class recalls) of the offsets on faces they were not fitted on: fit on one half of
+    the validation set, score the other, and the other way round."""
+    halves = np.array_split(np.random.default_rng(seed).permutation(len(labels)), 2)
+    predicted = np.zeros(len(labels), int)
+    for fit_on, score_on in ((halves[0], halves[1]), (halves[1], halves[0])):
+        offsets = fit_recall_offsets(logits[fit_on], labels[fit_on], min_recall)
+        predicted[score_on] = (logits[score_on] + offsets).argmax(1)
+    num_classes = logits.shape[1]
+    recalls = class_recalls(np.eye(num_classes)[predicted], labels, num_classes)
+    return float((predicted == labels).mean()), recalls
+
+
+def _with_race_layer(ckpt: dict, name: str, num_classes: int, weight=None, bias=None) -> dict:
+    """A copy of ``ckpt`` whose race rows of the last layer are replaced (calibration dropped: refit it)."""
+    import torch
+    state = dict(ckpt["state_dict"])
+    for key, value in ((f"{name}.weight", weight), (f"{name}.bias", bias)):
+        if value is not None:
+            state[key] = state[key].clone()
+            state[key][:num_classes] = torch.as_tensor(value, dtype=state[key].dtype)
+    out = {key: value for key, value in ckpt.items() if key not in ("calibration", "resume")}
+    out["state_dict"] = state
+    return out
+
+
+def raise_low_recalls(model_path: str | Path, val_samples, min_recall: float, batch_size: int = 128,
+                      workers: int = 2, features=None) -> tuple[dict, dict]:
+    """(checkpoint with the offsets added to its race biases, report): ``--balance recall``."""
+    from race_classifier.models.checkpoint import load_model
+    loaded = load_model(model_path)
+    if features is None:
+        features = extract_features(loaded.model, val_samples, loaded.preprocessing, batch_size, workers,
+                                    desc="validation features")
+    feats, readable = features
+    labels = np.array([s.label for s in val_samples])
+    use = readable & (labels >= 0)
+    name, linear = last_linear(loaded.model)
+    k = loaded.taxonomy.num_classes
+    weight = linear.weight.detach().double().numpy()[:k]
+    bias = linear.bias.detach().double().numpy()[:k]
+    logits = feats[use] @ weight.T + bias
+    offsets = fit_recall_offsets(logits, labels[use], min_recall)
+    accuracy, recalls = cross_fitted_offsets_estimate(logits, labels[use], min_recall)
+    report = {"offsets": dict(zip(loaded.taxonomy.classes, offsets.round(3).tolist())), "min_recall": min_recall,
+              "cross_fitted_accuracy": accuracy,
+              "cross_fitted_recalls": dict(zip(loaded.taxonomy.classes, recalls.tolist())),
+              "accuracy_before": float((logits.argmax(1) == labels[use]).mean()),
+              "accuracy_after": float(((logits + offsets).argmax(1) == labels[use]).mean())}
+    out = _with_race_layer(loaded.checkpoint, name, k, bias=bias + offsets)
+    out["train_args"] = {**loaded.checkpoint.get("train_args", {}), "last_layer_rebalance": "recall",
+                         "min_recall": min_recall, "recall_offsets": report["offsets"],
+                         "recall_offsets_cross_fit": {"accuracy": accuracy,
+                                                      "recalls": report["cross_fitted_recalls"]},
+                         "rebalanced_from": str(model_path)}
+    return out, report
+
+
 def rebalance(model_path: str | Path, train_samples, balance: str, C: float = 1.0, batch_size: int = 128,
               workers: int = 2, features=None) -> dict:
     """The checkpoint of ``model_path`` with its race rows refitted (a dict ready to save). ``features``:
     precomputed (features, readable) of ``train_samples``, to refit several balance modes from one pass."""
-    import torch
-
     from race_classifier.models.checkpoint import load_model
     loaded = load_model(model_path)
     ckpt = loaded.checkpoint
@@ -141,17 +232,21 @@ def rebalance(model_path: str | Path, train_samples, balance: str, C: float = 1.
                               loaded.taxonomy.num_classes)
     weight, bias = fit_last_layer(feats[use], labels[use], loaded.taxonomy.num_classes, weights, C)
     name, _ = last_linear(loaded.model)
-    k = loaded.taxonomy.num_classes
-    state = dict(ckpt["state_dict"])
-    state[f"{name}.weight"] = state[f"{name}.weight"].clone()
-    state[f"{name}.bias"] = state[f"{name}.bias"].clone()
-    state[f"{name}.weight"][:k] = torch.as_tensor(weight, dtype=state[f"{name}.weight"].dtype)
-    state[f"{name}.bias"][:k] = torch.as_tensor(bias, dtype=state[f"{name}.bias"].dtype)
-    out = {key: value for key, value in ckpt.items() if key not in ("calibration", "resume")}
-    out["state_dict"] = state
+    out = _with_race_layer(ckpt, name, loaded.taxonomy.num_classes, weight, bias)
     out["train_args"] = {**ckpt.get("train_args", {}), "last_layer_rebalance": balance, "last_layer_C": C,
                          "rebalanced_from": str(model_path)}
     return out
+
+
+def format_recall_report(report: dict, model_path, out: Path) -> str:
+    offsets = ", ".join(f"{c} {v:+.2f}" for c, v in report["offsets"].items() if v)
+    recalls = report["cross_fitted_recalls"]
+    worst = min((c for c in recalls if recalls[c] == recalls[c]), key=recalls.get)
+    return (f"Added per-class logit offsets to {model_path} ({offsets or 'none needed'}): {out}\n"
+            f"  validation accuracy {100 * report['accuracy_before']:.2f}% -> {100 * report['accuracy_after']:.2f}% "
+            f"(fitted on it); on faces the offsets were not fitted on (2-fold cross-fit): accuracy "
+            f"{100 * report['cross_fitted_accuracy']:.2f}%, worst class {worst} {100 * recalls[worst]:.1f}% "
+            f"(target {100 * report['min_recall']:.0f}%)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -163,11 +258,16 @@ def run(args: argparse.Namespace) -> int:
     taxonomy = Taxonomy.from_dict(load_checkpoint(args.model_path)["taxonomy"])
     train_samples = read_manifest(args.train_txt, taxonomy)
     val_samples = read_manifest(args.val_txt, taxonomy)
-    ckpt = rebalance(args.model_path, train_samples, args.balance, args.C, args.batch_size, args.workers)
     out = Path(args.out_dir) / "best.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(ckpt, out)
-    print(f"Refitted the race layer of {args.model_path} with --balance {args.balance}: {out}", flush=True)
+    if args.balance == "recall":
+        ckpt, report = raise_low_recalls(args.model_path, val_samples, args.min_recall, args.batch_size, args.workers)
+        atomic_torch_save(ckpt, out)
+        print(format_recall_report(report, args.model_path, out), flush=True)
+    else:
+        ckpt = rebalance(args.model_path, train_samples, args.balance, args.C, args.batch_size, args.workers)
+        atomic_torch_save(ckpt, out)
+        print(f"Refitted the race layer of {args.model_path} with --balance {args.balance}: {out}", flush=True)
     finalize_run(out, val_samples, val_txt=args.val_txt, train_samples=train_samples, train_txt=args.train_txt,
                  batch_size=args.batch_size, workers=args.workers)
     return 0
