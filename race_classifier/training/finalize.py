@@ -215,6 +215,7 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
         "pretrained": train_args.get("pretrained") or "none (random initialisation)",
         "seed": train_args.get("seed"),
         "best_metric": train_args.get("best_metric"),
+        "post_training": _post_training_change(train_args),
         "evaluation": evaluation,
         "subgroups": {dim: evaluation["subgroups"].get(dim) or [] for dim in ("gender", "age", "age_group")},
         "heads": _card_heads(heads, evaluation, calibration, val_samples, train_samples),
@@ -270,6 +271,29 @@ def _card_heads(heads: HeadLayout | None, evaluation: dict, calibration: dict, v
 
 
 # --- race-classifier calibrate ----------------------------------------------------------------------------
+
+def _post_training_change(train_args: dict) -> str | None:
+    """What ``race-classifier rebalance`` changed after training, for the card (None: nothing)."""
+    from race_classifier.evaluation.formatting import fmt_pct
+    balance = train_args.get("last_layer_rebalance")
+    if balance is None:
+        return None
+    source = train_args.get("rebalanced_from", "n/a")
+    if balance != "recall":
+        return (f"the race layer of `{source}` was refitted on its frozen features with `{balance}` sample "
+                f"weights (last-layer rebalancing)")
+    offsets = ", ".join(f"{c} {v:+.2f}" for c, v in (train_args.get("recall_offsets") or {}).items() if v)
+    cross_fit = train_args.get("recall_offsets_cross_fit") or {}
+    recalls = {c: r for c, r in (cross_fit.get("recalls") or {}).items() if r == r}
+    estimate = ""
+    if recalls:
+        worst = min(recalls, key=recalls.get)
+        estimate = (f"; on faces they were not fitted on (2-fold cross-fit) accuracy {fmt_pct(cross_fit['accuracy'], 2)}"
+                    f", worst class {worst} {fmt_pct(recalls[worst], 1)}")
+    return (f"per-class offsets ({offsets or 'none needed'}) were added to the race biases of `{source}` so that "
+            f"every class's recall on the validation set below reaches {fmt_pct(train_args.get('min_recall'), 0)} where "
+            f"they can; fitted on it, so its figures are optimistic{estimate}")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model_path", required=True, help="a race-classifier checkpoint (best.pt); rewritten in place")
