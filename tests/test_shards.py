@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -83,7 +84,22 @@ def test_prepared_shards_hold_the_cache_paths_pixels_and_name_unreadable_images(
         np.testing.assert_array_equal(np.asarray(shards.get(i)), np.asarray(cache.get(i)))
         expected = resize_square(load_rgb(sample.path, draft_size=cache_size_for(SIZE)), cache_size_for(SIZE))
         np.testing.assert_array_equal(np.asarray(shards.get(i)), np.asarray(expected))
-    assert ImageCache.open(shard_dir(tmp_path / "out", 24)).size == cache_size_for(24)
+    assert ImageCache.open(shard_dir(tmp_path / "out", 24)).size == cache_size_for(24, [s.path for s in samples])
+
+
+def test_the_training_cache_never_upscales_the_typical_image(tmp_path):
+    def images(side: int, n: int = 5) -> list[str]:
+        paths = []
+        for k in range(n):
+            path = tmp_path / f"{side}_{k}.jpg"
+            Image.fromarray(np.full((side, side + 10, 3), k, np.uint8)).save(path)
+            paths.append(str(path))
+        return paths
+    fairface_like = images(224)
+    assert cache_size_for(160, fairface_like) == 184  # headroom for random crops, still a downscale
+    assert cache_size_for(224, fairface_like) == 224  # not 258: no upscaling, which would blur
+    assert cache_size_for(160, images(100)) == 160    # smaller originals: no smaller than the input
+    assert cache_size_for(224) == 258                 # nothing to look at: the headroom alone
 
 
 def test_workers_open_their_own_maps_and_skip_the_unreadable_image(tmp_path):
@@ -163,3 +179,26 @@ def test_training_on_prepared_shards_matches_training_on_the_cache(tmp_path, cap
     same = lambda row: {k: v for k, v in row.items() if k not in drop}  # noqa: E731
     assert same(rows["shards"]) == same(rows["cache"])  # the same pixels, so the same run
     assert rows["files"]["val_loss"] != rows["shards"]["val_loss"]  # the originals differ: the switch worked
+
+
+
+@pytest.mark.parametrize("image_size", [SIZE, 28])  # 28: the images' own size, where the old cache upscaled
+def test_validation_in_training_sees_the_pixels_evaluation_makes_of_the_files(tmp_path, image_size):
+    """Training validates on cached or sharded images; they must be exactly the tensors evaluation (and so the
+    model file) makes of the image files, or validation scores something no user will run."""
+    from race_classifier.data.dataset import FaceDataset
+    from race_classifier.training import config
+    from race_classifier.training.distributed import World
+    from race_classifier.training.run_data import RunSamples, build_loaders
+    tree = make_tree(tmp_path / "tree")
+    out = tmp_path / "out"
+    assert prepare(tree, out, "--shards", str(image_size)) == 0
+    pre = Preprocessing(image_size=image_size)
+    val = read_manifest(out / "val.txt", SEED5)
+    from_files = FaceDataset(val, build_transform(pre, train=False), draft_size=image_size)
+    for extra in ([], ["--shards", "none", "--cache_dir", str(tmp_path / "cache")]):
+        args = config.parse_args(["--dataset", "d", "--train_txt", str(out / "train.txt"), "--val_txt",
+                                  str(out / "val.txt"), "--image_size", str(image_size), "--workers", "0", *extra])
+        loaders = build_loaders(args, World(), RunSamples.read(args), pre, torch.device("cpu"))
+        for i in range(len(val)):
+            torch.testing.assert_close(loaders.val_set[i]["image"], from_files[i]["image"], rtol=0, atol=0)

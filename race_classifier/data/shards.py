@@ -3,8 +3,10 @@
 ``--image_size 224`` finds and reads them (``--shards auto``, the default).
 
 The set holds train and val images together, in manifest order, at ``cache_size_for(image size)``
-pixels (a little larger than the input, for random-resized crops), like ``--cache_dir`` at training
-start but built once, ahead of time, where the data is prepared.
+pixels (a little larger than the input, for random-resized crops, but no larger than the images), like
+``--cache_dir`` at training start but built once, ahead of time, where the data is prepared. Where that
+is not the input size, training reads the validation images from their files, so that validation
+scores exactly what evaluation will.
 """
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ def build_prepared_shards(manifest_dir: str | Path, image_sizes: Sequence[int], 
     paths = list(dict.fromkeys(p for name in MANIFESTS for p in manifest_image_paths(Path(manifest_dir) / name)))
     summaries = []
     for image_size in image_sizes:
-        shards = ImageCache.build(paths, cache_size_for(image_size), shard_dir(manifest_dir, image_size), workers,
-                                  per_shard)
+        shards = ImageCache.build(paths, cache_size_for(image_size, paths), shard_dir(manifest_dir, image_size),
+                                  workers, per_shard)
         summaries.append({"image_size": image_size, "stored_size": shards.size, "dir": str(shards.root),
                           "images": len(shards.paths), "shards": len(shards.shards),
                           "unreadable": {shards.paths[i]: reason for i, reason in sorted(shards.errors.items())}})

@@ -134,11 +134,13 @@ def build_loaders(args, world: World, samples: RunSamples, preprocessing: Prepro
 def _image_caches(args, world: World, samples: RunSamples) -> tuple[ImageCache | None, ImageCache | None]:
     """(train, val) pre-resized images: --cache_dir (built here), else prepared shards (--shards), else none."""
     if args.cache_dir:
-        size = cache_size_for(args.image_size)
+        size = cache_size_for(args.image_size, [s.path for s in samples.train])
         if not world.main:  # rank 0 builds the cache; the others then load it
             world.barrier()
         train_cache = ImageCache.build_or_load(samples.train, size, args.cache_dir, args.workers)
-        val_cache = ImageCache.build_or_load(samples.val, size, args.cache_dir, args.workers)
+        # Validation images at exactly the input size, resized as inference resizes them: what validation
+        # scores is then what the model file does on these images.
+        val_cache = ImageCache.build_or_load(samples.val, args.image_size, args.cache_dir, args.workers)
         if world.main:
             world.barrier()
         return train_cache, val_cache
@@ -147,6 +149,10 @@ def _image_caches(args, world: World, samples: RunSamples) -> tuple[ImageCache |
         return None, None
     shards = ImageCache.open(root)
     log.info("reading images from the prepared shards in %s (%d px)", root, shards.size)
+    if shards.size != args.image_size:  # a second resize would make validation differ from inference
+        log.info("validation images are read from their files: the shards hold them at %d px, not %d",
+                 shards.size, args.image_size)
+        return shards.for_samples(samples.train), None
     return shards.for_samples(samples.train), shards.for_samples(samples.val)
 
 
