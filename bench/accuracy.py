@@ -60,6 +60,7 @@ from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
 from race_classifier.models.checkpoint import load_checkpoint
 from race_classifier.models.loaders import load_predictor
 from race_classifier.training import config
+from race_classifier.training.rebalance import describe_cross_fit
 from race_classifier.training.train import main as train_main
 from race_classifier.utils import atomic_write_text
 
@@ -344,11 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         cross_fit = (load_checkpoint(detail["checkpoint"]).get("train_args") or {}).get("recall_offsets_cross_fit")
         if cross_fit:
             detail["recall_offsets_cross_fit"] = cross_fit
-            recalls = {c: r for c, r in cross_fit["recalls"].items() if r == r}  # NaN: a class with no faces
-            worst = min(recalls, key=recalls.get)
-            print(f"{name}: on faces its offsets were not fitted on (2-fold cross-fit, the model's own classes): "
-                  f"accuracy {fmt_pct(cross_fit['accuracy'], 2)}, worst class {worst} "
-                  f"{fmt_pct(recalls[worst], 1)}")
+            print(f"{name}: offsets fitted on the validation set; {describe_cross_fit(cross_fit)} "
+                  f"(in the model's own classes)")
     if args.json:
         result = {"config": args.config, "val_txt": val_txt, "eval_taxonomy": args.eval_taxonomy,
                   "quick": quick, "n_boot": args.n_boot,

@@ -270,11 +270,10 @@ def _card_heads(heads: HeadLayout | None, evaluation: dict, calibration: dict, v
     return out
 
 
-# --- race-classifier calibrate ----------------------------------------------------------------------------
-
 def _post_training_change(train_args: dict) -> str | None:
     """What ``race-classifier rebalance`` changed after training, for the card (None: nothing)."""
     from race_classifier.evaluation.formatting import fmt_pct
+    from race_classifier.training.rebalance import describe_cross_fit, describe_offsets
     balance = train_args.get("last_layer_rebalance")
     if balance is None:
         return None
@@ -282,18 +281,14 @@ def _post_training_change(train_args: dict) -> str | None:
     if balance != "recall":
         return (f"the race layer of `{source}` was refitted on its frozen features with `{balance}` sample "
                 f"weights (last-layer rebalancing)")
-    offsets = ", ".join(f"{c} {v:+.2f}" for c, v in (train_args.get("recall_offsets") or {}).items() if v)
-    cross_fit = train_args.get("recall_offsets_cross_fit") or {}
-    recalls = {c: r for c, r in (cross_fit.get("recalls") or {}).items() if r == r}
-    estimate = ""
-    if recalls:
-        worst = min(recalls, key=recalls.get)
-        estimate = (f"; on faces they were not fitted on (2-fold cross-fit) accuracy {fmt_pct(cross_fit['accuracy'], 2)}"
-                    f", worst class {worst} {fmt_pct(recalls[worst], 1)}")
-    return (f"per-class offsets ({offsets or 'none needed'}) were added to the race biases of `{source}` so that "
-            f"every class's recall on the validation set below reaches {fmt_pct(train_args.get('min_recall'), 0)} where "
-            f"they can; fitted on it, so its figures are optimistic{estimate}")
+    cross_fit = train_args.get("recall_offsets_cross_fit")
+    return (f"per-class offsets ({describe_offsets(train_args.get('recall_offsets') or {})}) were added to the race "
+            f"biases of `{source}` so that every class's recall on the validation set below reaches "
+            f"{fmt_pct(train_args.get('min_recall'), 0)} where they can; fitted on it, so its figures are optimistic"
+            + (f"; {describe_cross_fit(cross_fit)}" if cross_fit else ""))
 
+
+# --- race-classifier calibrate ----------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model_path", required=True, help="a race-classifier checkpoint (best.pt); rewritten in place")

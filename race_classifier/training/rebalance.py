@@ -203,16 +203,14 @@ def raise_low_recalls(model_path: str | Path, val_samples, min_recall: float, ba
     offsets = fit_recall_offsets(logits, labels[use], min_recall)
     accuracy, recalls = cross_fitted_offsets_estimate(logits, labels[use], min_recall)
     report = {"offsets": dict(zip(loaded.taxonomy.classes, offsets.round(3).tolist())), "min_recall": min_recall,
-              "cross_fitted_accuracy": accuracy,
-              "cross_fitted_recalls": dict(zip(loaded.taxonomy.classes, recalls.tolist())),
+              "cross_fit": {"accuracy": accuracy, "recalls": dict(zip(loaded.taxonomy.classes, recalls.tolist()))},
               "accuracy_before": float((logits.argmax(1) == labels[use]).mean()),
               "accuracy_after": float(((logits + offsets).argmax(1) == labels[use]).mean()),
               "worst_recall_after": float(np.nanmin(class_recalls(logits + offsets, labels[use], k)))}
     out = _with_race_layer(loaded.checkpoint, name, k, bias=bias + offsets)
     out["train_args"] = {**loaded.checkpoint.get("train_args", {}), "last_layer_rebalance": "recall",
                          "min_recall": min_recall, "recall_offsets": report["offsets"],
-                         "recall_offsets_cross_fit": {"accuracy": accuracy,
-                                                      "recalls": report["cross_fitted_recalls"]},
+                         "recall_offsets_cross_fit": report["cross_fit"],
                          "rebalanced_from": str(model_path)}
     return out, report
 
@@ -239,15 +237,23 @@ def rebalance(model_path: str | Path, train_samples, balance: str, C: float = 1.
     return out
 
 
+def describe_offsets(offsets: dict) -> str:
+    return ", ".join(f"{c} {v:+.2f}" for c, v in offsets.items() if v) or "none needed"
+
+
+def describe_cross_fit(cross_fit: dict) -> str:
+    """'on faces they were not fitted on (2-fold cross-fit): accuracy A, worst class C R' (stored form)."""
+    from race_classifier.evaluation.formatting import fmt_pct
+    recalls = {c: r for c, r in cross_fit["recalls"].items() if r == r}  # NaN: a class with no faces
+    worst = min(recalls, key=recalls.get)
+    return (f"on faces they were not fitted on (2-fold cross-fit): accuracy {fmt_pct(cross_fit['accuracy'], 2)}, "
+            f"worst class {worst} {fmt_pct(recalls[worst], 1)}")
+
+
 def format_recall_report(report: dict, model_path, out: Path) -> str:
-    offsets = ", ".join(f"{c} {v:+.2f}" for c, v in report["offsets"].items() if v)
-    recalls = report["cross_fitted_recalls"]
-    worst = min((c for c in recalls if recalls[c] == recalls[c]), key=recalls.get)
-    return (f"Added per-class logit offsets to {model_path} ({offsets or 'none needed'}): {out}\n"
+    return (f"Added per-class logit offsets to {model_path} ({describe_offsets(report['offsets'])}): {out}\n"
             f"  validation accuracy {100 * report['accuracy_before']:.2f}% -> {100 * report['accuracy_after']:.2f}% "
-            f"(fitted on it); on faces the offsets were not fitted on (2-fold cross-fit): accuracy "
-            f"{100 * report['cross_fitted_accuracy']:.2f}%, worst class {worst} {100 * recalls[worst]:.1f}% "
-            f"(target {100 * report['min_recall']:.0f}%)"
+            f"(fitted on it); {describe_cross_fit(report['cross_fit'])} (target {100 * report['min_recall']:.0f}%)"
             + ("" if report["worst_recall_after"] >= report["min_recall"] else
                f"\n  the target was not reached even on the validation set: its worst class is at "
                f"{100 * report['worst_recall_after']:.1f}% with these offsets (the best found)"))
