@@ -121,6 +121,28 @@ def test_freeze_until_keeps_the_pretrained_layers_before_the_module(manifests, t
     assert "--freeze_until features.4" in caplog.text and "blocks.2" in caplog.text
 
 
+def test_initial_checkpoint_starts_from_every_weight_of_an_earlier_run(manifests, trained_checkpoints, tmp_path,
+                                                                       caplog):
+    """Progressive resizing: a run at another input size starts from a finished run's weights, classifier
+    included (lr 0 keeps the parameters where they started), and its model card says where they came from."""
+    earlier = trained_checkpoints[1]
+    run = tmp_path / "larger"
+    args = train_args(manifests, run, "--num_epochs", "1", "--image_size", "48", "--learning_rate", "0",
+                      "--warmup_epochs", "0", "--weight_decay", "0", "--initial_checkpoint", str(earlier))
+    assert train_main(args) == 0
+    start, after = load_model(earlier).model, load_model(run / "best.pt")
+    assert after.preprocessing.image_size == 48
+    for (name, p), (_, q) in zip(start.named_parameters(), after.model.named_parameters()):
+        assert torch.equal(p, q), name
+    card = (run / "MODEL_CARD.md").read_text()
+    assert f"initial weights: {earlier} (epoch 3 of a run at 32 px" in card
+
+    args = train_args(manifests, tmp_path / "mismatch", "--num_epochs", "1", "--initial_checkpoint", str(earlier))
+    args[args.index(ARCH)] = "resnet10t"
+    assert train_main(args) == 2
+    assert str(earlier) in caplog.text and "this run asks for" in caplog.text
+
+
 def test_yaml_config_sets_defaults_and_flags_win(manifests, tmp_path):
     from race_classifier.training.config import parse_args
     cfg = tmp_path / "c.yaml"

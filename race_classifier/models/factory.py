@@ -109,7 +109,9 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
             f"or of another shape (e.g. {', '.join(missing[:3])}). Check --arch: torchvision-format files "
             f"need a 'torchvision:' architecture such as torchvision:mobilenet_v2.")
     model.load_state_dict(usable, strict=False)
-    log.info("loaded %d pretrained tensors from %s (classifier '%s' initialised fresh)", len(usable), path, head)
+    fresh = [k for k in own if k.startswith(head + ".") and k not in usable]
+    log.info("loaded %d pretrained tensors from %s (%s)", len(usable), path,
+             f"classifier '{head}' initialised fresh" if fresh else f"classifier '{head}' included: it has this shape")
 
 
 def create_model(arch: str, num_classes: int, pretrained: str | None = None, drop_rate: float = 0.0) -> nn.Module:

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--arch", default="torchvision:mobilenet_v2",
                    help="timm model name, or 'torchvision:<name>' for torchvision's")
     g.add_argument("--pretrained", help="local weights file (offline), 'default' or 'hf-hub:<repo>' (online)")
+    g.add_argument("--initial_checkpoint", metavar="CHECKPOINT",
+                   help="start from every weight of a checkpoint of this architecture, classes and heads (e.g. a "
+                        "run at a lower --image_size, fine-tuned here at a higher one); --pretrained is then unused")
     g.add_argument("--image_size", type=int, default=224)
     g.add_argument("--heads", default="race",
                    help="output heads on the shared backbone: race, or e.g. race,gender,age. gender classes come "

@@ -212,7 +212,8 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
         "best_epoch": ckpt.get("epoch"),
         "epochs_run": "n/a" if epochs_run is None else epochs_run,
         "num_epochs": train_args.get("num_epochs"),
-        "pretrained": train_args.get("pretrained") or "none (random initialisation)",
+        "pretrained": (train_args.get("initialised_from") or train_args.get("pretrained")
+                       or "none (random initialisation)"),
         "seed": train_args.get("seed"),
         "best_metric": train_args.get("best_metric"),
         "post_training": _post_training_change(train_args),

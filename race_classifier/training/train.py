@@ -75,8 +75,11 @@ class Trainer:
         self.train_samples, self.val_samples = self.samples.train, self.samples.val
 
         seed_everything(args.seed)
-        pretrained = None if args.resume else args.pretrained
+        pretrained = None if args.resume or args.initial_checkpoint else args.pretrained
         self.model = create_model(args.arch, self.heads.num_outputs, pretrained, args.drop_rate).to(self.device)
+        self.initialised_from = None  # what --initial_checkpoint was, for the model card
+        if args.initial_checkpoint and not args.resume:
+            self.initialised_from = self._load_initial_checkpoint(Path(args.initial_checkpoint))
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if args.freeze_until:
@@ -119,7 +122,33 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def _train_args(self) -> dict:
-        return {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        train_args = {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        if self.initialised_from is not None:
+            train_args["initialised_from"] = self.initialised_from
+        return train_args
+
+    def _check_same_model(self, ckpt: dict, path: Path) -> None:
+        """A checkpoint this run continues from must have this run's architecture, classes and heads."""
+        if ckpt["arch"] != self.args.arch or ckpt["taxonomy"]["classes"] != self.classes:
+            raise TrainingError(f"{path} was trained as {ckpt['arch']} on {ckpt['taxonomy']['classes']}; "
+                                f"this run asks for {self.args.arch} on {self.classes}")
+        saved_heads = HeadLayout.from_dict(ckpt.get("heads"), self.classes)
+        if saved_heads != self.heads:
+            raise TrainingError(f"{path} has heads {saved_heads.to_dict()}; this run asks for "
+                                f"{self.heads.to_dict()} (--heads, --age_bins or the gender classes differ)")
+
+    def _load_initial_checkpoint(self, path: Path) -> str:
+        """Every weight of ``path`` (classifier included) into the new model; returns a one-line account of it.
+        Its optimizer state, temperature and threshold are not carried: this run refits them."""
+        ckpt = load_checkpoint(path)
+        self._check_same_model(ckpt, path)
+        self.model.load_state_dict(ckpt["state_dict"])
+        before = ckpt.get("train_args") or {}
+        size = (ckpt.get("preprocessing") or {}).get("image_size")
+        account = (f"{path} (epoch {ckpt.get('epoch')} of a run at {size} px, itself initialised from "
+                   f"{before.get('initialised_from') or before.get('pretrained') or 'random weights'})")
+        log.info("initialised every weight from %s", account)
+        return account
 
     def _save(self, path: Path, epoch: int, metrics: dict, resume: dict | None) -> None:
         save_checkpoint(path, model=self.model, arch=self.args.arch, taxonomy=self.taxonomy,
@@ -177,13 +206,8 @@ class Trainer:
 
     def restore(self) -> None:
         ckpt = load_checkpoint(self.last_path)
-        if ckpt["arch"] != self.args.arch or ckpt["taxonomy"]["classes"] != self.classes:
-            raise TrainingError(f"{self.last_path} was trained as {ckpt['arch']} on {ckpt['taxonomy']['classes']}; "
-                                f"this run asks for {self.args.arch} on {self.classes}")
-        saved_heads = HeadLayout.from_dict(ckpt.get("heads"), self.classes)
-        if saved_heads != self.heads:
-            raise TrainingError(f"{self.last_path} has heads {saved_heads.to_dict()}; this run asks for "
-                                f"{self.heads.to_dict()} (--heads, --age_bins or the gender classes differ)")
+        self._check_same_model(ckpt, self.last_path)
+        self.initialised_from = (ckpt.get("train_args") or {}).get("initialised_from")
         r = ckpt["resume"]
         if r["progress"] is not None and r.get("world_size", 1) != self.world.size:
             raise TrainingError(f"{self.last_path} stopped mid-epoch in a run of {r.get('world_size', 1)} "
