@@ -143,6 +143,45 @@ def test_initial_checkpoint_starts_from_every_weight_of_an_earlier_run(manifests
     assert str(earlier) in caplog.text and "this run asks for" in caplog.text
 
 
+def test_weight_average_is_what_best_pt_keeps_and_the_log_scores(manifests, tmp_path, capsys):
+    """--model_ema_decay: the epoch's figures and best.pt are the weight average's; the trained weights
+    (last.pt) are scored too, on their own line and columns; the model card says which weights it describes."""
+    from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
+    from race_classifier.data.manifest import read_manifest
+    from race_classifier.data.transforms import build_transform
+    from race_classifier.training.engine import evaluate
+
+    run = tmp_path / "run"
+    assert train_main(train_args(manifests, run, "--num_epochs", "2", "--learning_rate", "0.01",
+                                 "--model_ema_decay", "0.95")) == 0
+    out = capsys.readouterr().out
+    rows = read_log(run / "log.csv")
+    assert re.findall(r"^Without weight averaging: Val Loss: \d+\.\d{4}, Val Accuracy: (\d+\.\d\d)%$", out, re.M) == [
+        f"{100 * float(r['val_accuracy_without_ema']):.2f}" for r in rows]
+    best, last = load_model(run / "best.pt"), load_model(run / "last.pt")
+    best_epoch = torch.load(run / "best.pt", weights_only=True)["epoch"]
+    averaged = dict(best.model.named_parameters())
+    assert any(not torch.equal(p, averaged[n]) for n, p in last.model.named_parameters())
+
+    def score(model) -> tuple[float, float]:
+        val = FaceDataset(read_manifest(manifests / "val.txt", best.taxonomy), build_transform(best.preprocessing, False))
+        loader = torch.utils.data.DataLoader(val, batch_size=8, collate_fn=collate_skipping_failures)
+        result = evaluate(model, loader, torch.device("cpu"), None, best.heads)
+        return result["accuracy"], result["loss"]
+
+    row = rows[best_epoch - 1]
+    assert score(best.model) == pytest.approx((float(row["val_accuracy"]), float(row["val_loss"])), abs=1e-5)
+    assert score(last.model) == pytest.approx(
+        (float(rows[-1]["val_accuracy_without_ema"]), float(rows[-1]["val_loss_without_ema"])), abs=1e-5)
+    assert "exponential moving average of the trained weights (decay 0.95" in (run / "MODEL_CARD.md").read_text()
+
+    # Resuming must keep the run's choice: an average started afresh, or dropped, would mix two recipes.
+    assert train_main(train_args(manifests, run, "--num_epochs", "2", "--resume")) == 2
+    assert train_main(train_args(manifests, tmp_path / "plain", "--num_epochs", "1")) == 0
+    assert train_main(train_args(manifests, tmp_path / "plain", "--num_epochs", "2", "--resume",
+                                 "--model_ema_decay", "0.95")) == 2
+
+
 def test_yaml_config_sets_defaults_and_flags_win(manifests, tmp_path):
     from race_classifier.training.config import parse_args
     cfg = tmp_path / "c.yaml"
@@ -162,14 +201,16 @@ def _metrics(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
 
 
-def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(manifests, tmp_path, one_thread):
-    """Kill -9 in the middle of epoch 2, resume: 3 epochs logged once each, figures as if never killed."""
+@pytest.mark.parametrize("options", [(), ("--model_ema_decay", "0.9")], ids=["plain", "weight-average"])
+def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(manifests, tmp_path, one_thread, options):
+    """Kill -9 in the middle of epoch 2, resume: 3 epochs logged once each, figures as if never killed (with a
+    weight average, its figures and the trained weights' both: last.pt carries the average)."""
     reference = tmp_path / "reference"
-    assert train_main(train_args(manifests, reference, "--num_epochs", "3")) == 0
+    assert train_main(train_args(manifests, reference, "--num_epochs", "3", *options)) == 0
 
     run = tmp_path / "killed"
     cmd = [sys.executable, str(REPO / "train.py"), *train_args(manifests, run, "--num_epochs", "3",
-                                                               "--save_every_steps", "1")]
+                                                               "--save_every_steps", "1", *options)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.time() + 120
     try:
@@ -187,10 +228,11 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(manifests, tmp
     assert proc.returncode == -signal.SIGKILL
     assert len(read_log(run / "log.csv")) == 1
 
-    assert train_main(train_args(manifests, run, "--num_epochs", "3", "--resume")) == 0
+    assert train_main(train_args(manifests, run, "--num_epochs", "3", "--resume", *options)) == 0
     rows = read_log(run / "log.csv")
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     expected = _metrics(read_log(reference / "log.csv"))
+    assert ("val_accuracy_without_ema" in expected[0]) == bool(options)
     for got, want in zip(_metrics(rows), expected):
         for key in want:
             assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-6), key

@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
     g.add_argument("--min_lr_ratio", type=float, default=0.01, help="final learning rate / peak")
     g.add_argument("--label_smoothing", type=float, default=0.1)
+    g.add_argument("--model_ema_decay", type=float, default=0.0,
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.998; 0: off), "
+                        "warmed up over the first steps (timm's ModelEmaV3); best.pt holds the averaged weights")
     g.add_argument("--balance", choices=BALANCE_MODES, default="none",
                    help="sampler: draw classes equally; loss: weight the loss by inverse class frequency; "
                         "group: draw race x gender cells equally (the manifest's gender column; unknown "
@@ -143,6 +146,8 @@ def resolve(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse
     # Persistent workers need workers; with none there is nothing to keep alive.
     args.persistent_workers = args.workers > 0 and args.persistent_workers is not False
     args.heads = ",".join(h.strip() for h in str(args.heads).split(",") if h.strip())
+    if not 0 <= args.model_ema_decay < 1:
+        parser.error("--model_ema_decay must be in [0, 1) (0: no weight averaging)")
     if not 0 < args.abstain_coverage <= 1:
         parser.error("--abstain_coverage must be in (0, 1]")
     return args

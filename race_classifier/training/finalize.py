@@ -215,6 +215,7 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
         "pretrained": (train_args.get("initialised_from") or train_args.get("pretrained")
                        or "none (random initialisation)"),
         "seed": train_args.get("seed"),
+        "model_ema_decay": train_args.get("model_ema_decay"),
         "best_metric": train_args.get("best_metric"),
         "post_training": _post_training_change(train_args),
         "evaluation": evaluation,

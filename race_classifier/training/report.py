@@ -27,11 +27,14 @@ HEAD_TITLES = {"gender": "Gender", "age": "Age group"}
 
 
 def epoch_row(epoch: int, train_loss: float, train_acc: float | None, val: dict, classes: list[str],
-              lr: float, epoch_time: float, skipped: int, heads=None, train_head_acc: dict | None = None) -> dict:
+              lr: float, epoch_time: float, skipped: int, heads=None, train_head_acc: dict | None = None,
+              without_ema: dict | None = None) -> dict:
     """``heads``: the HeadLayout when the model has heads besides race; their figures get columns
     ``train_<head>_accuracy``, ``val_<head>_accuracy``, ``val_<head>_balanced_accuracy`` and
     ``val_<head>_<class>_accuracy`` after the race columns. ``val["sources"]`` (a mix's per-source race
-    accuracy, from ``evaluate``) gets a ``val_<source>_accuracy`` column per source after the race classes."""
+    accuracy, from ``evaluate``) gets a ``val_<source>_accuracy`` column per source after the race classes.
+    ``without_ema``: with a weight average, ``val`` is the average's and this the trained weights' evaluation;
+    its loss and race accuracy get the last two columns."""
     present = [a for a in val["per_class_accuracy"] if a is not None]
     row = {
         "epoch": epoch,
@@ -54,6 +57,8 @@ def epoch_row(epoch: int, train_loss: float, train_acc: float | None, val: dict,
         for name, acc in zip(head.classes, summary["per_class_accuracy"]):
             row[f"val_{head.name}_{class_key(name)}"] = acc
     row.update({"lr": lr, "epoch_time_s": epoch_time, "skipped_images": skipped})
+    if without_ema is not None:
+        row.update({"val_loss_without_ema": without_ema["loss"], "val_accuracy_without_ema": without_ema["accuracy"]})
     return row
 
 
@@ -76,6 +81,9 @@ def format_epoch(row: dict, num_epochs: int, classes: list[str], heads=None, sou
         for name in head.classes:
             acc = row[f"val_{head.name}_{class_key(name)}"]
             lines.append(f" - {class_key(name)}: {_pct(acc)}" + (" (no validation images)" if acc is None else ""))
+    if "val_accuracy_without_ema" in row:  # the figures above are the weight average's
+        lines.append(f"Without weight averaging: Val Loss: {row['val_loss_without_ema']:.4f}, "
+                     f"Val Accuracy: {_pct(row['val_accuracy_without_ema'])}")
     return "\n".join(lines)
 
 

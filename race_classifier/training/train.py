@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -85,6 +86,11 @@ class Trainer:
         if args.freeze_until:
             frozen = freeze_until(self.model, args.freeze_until)
             log.info("froze the %d parameter tensors before %s", frozen, args.freeze_until)
+        # The weight average starts from the weights training starts from (pretrained, initial or, on
+        # resume, replaced by last.pt's average). Warm-up (power 3/4, for short runs) keeps the early
+        # average from being dominated by the barely trained first steps.
+        self.ema = ModelEmaV3(self.model, decay=args.model_ema_decay, use_warmup=True,
+                              warmup_power=0.75) if args.model_ema_decay else None
         self.train_model = self.model  # what training calls: the model itself, its DDP wrapper, compiled
         if world.distributed:
             self.train_model = nn.parallel.DistributedDataParallel(
@@ -150,8 +156,8 @@ class Trainer:
         log.info("initialised every weight from %s", account)
         return account
 
-    def _save(self, path: Path, epoch: int, metrics: dict, resume: dict | None) -> None:
-        save_checkpoint(path, model=self.model, arch=self.args.arch, taxonomy=self.taxonomy,
+    def _save(self, path: Path, epoch: int, metrics: dict, resume: dict | None, model: nn.Module | None = None) -> None:
+        save_checkpoint(path, model=self.model if model is None else model, arch=self.args.arch, taxonomy=self.taxonomy,
                         preprocessing=self.preprocessing, train_args=self._train_args(), epoch=epoch,
                         metrics=metrics, history=self.history, resume=resume, heads=self.heads)
 
@@ -168,6 +174,7 @@ class Trainer:
             "skipped": dict(self.skipped),
             "world_size": self.world.size,  # a mid-epoch position is per rank
             "accum_steps": self.args.accum_steps,  # and falls on this many batches' group boundary
+            "model_ema": self.ema.module.state_dict() if self.ema else None,
         }
         if self.world.main:
             metrics = self.history[-1] if self.history else {}
@@ -218,6 +225,12 @@ class Trainer:
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(r["optimizer"])
         self.scaler.load_state_dict(r["scaler"])
+        saved_decay = (ckpt.get("train_args") or {}).get("model_ema_decay") or 0.0
+        if (r.get("model_ema") is None) != (self.ema is None) or saved_decay != self.args.model_ema_decay:
+            raise TrainingError(f"{self.last_path} was saved with --model_ema_decay {saved_decay}; resume it "
+                                f"with the same (this run has {self.args.model_ema_decay})")
+        if self.ema is not None:
+            self.ema.module.load_state_dict(r["model_ema"])
         set_rng_state(r["rng"])
         self.start_epoch, self.global_step, self.history = r["epoch"], r["global_step"], list(ckpt["history"])
         self.skipped = dict(r["skipped"])
@@ -289,28 +302,31 @@ class Trainer:
 
             def on_step(step: int, epoch=epoch) -> None:
                 self.global_step = step
+                if self.ema is not None:
+                    self.ema.update(self.model, step=step)
                 if args.save_every_steps and step % args.save_every_steps == 0:
                     self.save_last(epoch, in_progress=True)
 
             self.global_step = self._train_epoch(epoch, on_step)
-            val = None
+            val = without_ema = None
             if self.world.main:  # the unwrapped model: no collectives while the other ranks wait
-                val = evaluate(self.model, self.data.val_loader, self.device, self.amp_dtype, self.heads,
-                               memory_format=self.memory_format,
-                               sources=[s.source for s in self.val_samples] if self.data.val_sources else None)
-            val = self.world.broadcast(val)
+                val = self._validate(self.kept_model)
+                if self.ema is not None:  # the trained weights too, to show what the average adds
+                    without_ema = self._validate(self.model)
+            val, without_ema = self.world.broadcast((val, without_ema))
             p = self._epoch_progress()
             row = epoch_row(epoch + 1, p.loss_sum / p.seen if p.seen else float("nan"),
                             p.accuracy(0), val, self.classes,
                             self.optimizer.param_groups[0]["lr"], self.elapsed_now(),
                             len(p.failures) + len(val["failures"]), heads=self.heads,
-                            train_head_acc={h.name: p.accuracy(i + 1) for i, h in enumerate(self.heads.extra)})
+                            train_head_acc={h.name: p.accuracy(i + 1) for i, h in enumerate(self.heads.extra)},
+                            without_ema=without_ema)
             self.history.append(row)
             # best before last: if killed in between, the resumed run redoes this epoch and both get written.
             if _better(row[best_metric], best, best_metric):
                 best = row[best_metric]
                 if self.world.main:
-                    self._save(self.best_path, epoch + 1, row, resume=None)
+                    self._save(self.best_path, epoch + 1, row, resume=None, model=self.kept_model)
             self.progress, self.elapsed = EpochProgress.empty(len(self.heads.heads)), 0.0
             self.save_last(epoch + 1, in_progress=False)
             if self.world.main:
@@ -326,6 +342,16 @@ class Trainer:
             self.finalize()
         self.world.barrier()
         return summary
+
+    @property
+    def kept_model(self) -> nn.Module:
+        """What validation scores and best.pt keeps: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _validate(self, model: nn.Module) -> dict:
+        return evaluate(model, self.data.val_loader, self.device, self.amp_dtype, self.heads,
+                        memory_format=self.memory_format,
+                        sources=[s.source for s in self.val_samples] if self.data.val_sources else None)
 
     def finalize(self) -> dict | None:
         """Temperature and abstention threshold fitted on the validation set, stored in best.pt (never
