@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--calib_method", choices=CALIBRATION_METHODS, default=DEFAULT_CALIBRATION,
                    help="activation range calibration (default %(default)s)")
     p.add_argument("--val_txt", help="labelled images: parity and fp32 / int8 accuracy are measured on them")
+    p.add_argument("--source_taxonomy", help="taxonomy of the manifests' labels when it is not the model's (e.g. "
+                   "the classes a merge-classes model was trained in: mapped as its outputs are)")
     p.add_argument("--max_val_images", type=int, help="use a seeded random subset of this many --val_txt images")
     p.add_argument("--max_accuracy_drop", type=float, default=1.0,
                    help="refuse an int8 model losing more accuracy points than this on --val_txt (default %(default)s)")
@@ -40,11 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _samples(manifest: str | None, taxonomy, limit: int | None = None):
+def _samples(manifest: str | None, taxonomy, limit: int | None = None, mapping=None):
     from race_classifier.data.manifest import read_manifest
     if not manifest:
         return None
-    samples = read_manifest(manifest, taxonomy)
+    samples = read_manifest(manifest, taxonomy, mapping)
     return draw(samples, limit) if limit else samples
 
 
@@ -76,15 +78,19 @@ def print_report(report: ExportReport) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from race_classifier.labels import Taxonomy
+    from race_classifier.labels import Taxonomy, get_taxonomy
     from race_classifier.models.checkpoint import load_checkpoint
+    from race_classifier.training.merge_classes import label_mapping
     from race_classifier.utils import atomic_write_text
 
-    # Manifests are read in the model's own classes; an unknown label stops here, before any work.
-    taxonomy = Taxonomy.from_dict(load_checkpoint(args.model_path)["taxonomy"])
+    # Manifests are read in the model's own classes (or mapped into them); an unknown label stops here, first.
+    ckpt = load_checkpoint(args.model_path)
+    taxonomy = Taxonomy.from_dict(ckpt["taxonomy"])
+    mapping = label_mapping(ckpt, get_taxonomy(args.source_taxonomy)) if args.source_taxonomy else None
     report = export_checkpoint(
         args.model_path, args.output, opset=args.opset, quantize=args.quantize,
-        calib_samples=_samples(args.calib_txt, taxonomy), val_samples=_samples(args.val_txt, taxonomy, args.max_val_images),
+        calib_samples=_samples(args.calib_txt, taxonomy, mapping=mapping),
+        val_samples=_samples(args.val_txt, taxonomy, args.max_val_images, mapping),
         calib_images=args.calib_images, calib_method=args.calib_method, max_accuracy_drop=args.max_accuracy_drop,
         batch_size=args.batch_size, workers=args.workers, fp32_output=args.fp32_output)
     print_report(report)

@@ -10,6 +10,9 @@ best.pt also gets, once training ends (or from ``race-classifier calibrate``), `
    "abstention": {"threshold", "target_coverage", "coverage", "accuracy_at_coverage", "accuracy_all"}}
 Files without it load as before (temperature 1, no abstention threshold). ``ece_if_calibrated`` (ece_after's
 noise floor, evaluation.metrics.ece_if_calibrated) is absent from files calibrated before it existed.
+``merged_classes`` (written by ``race-classifier merge-classes``, models/merged.py): the network was trained in
+other, finer classes, whose calibrated probabilities are summed into ``taxonomy``'s; ``state_dict`` is the
+trained network's, ``taxonomy`` and ``heads`` describe what the loaded model answers in.
 """
 from __future__ import annotations
 
@@ -90,7 +93,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         heads = HeadLayout.from_dict(ckpt.get("heads"), taxonomy.classes)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed head layout ({e})") from None
-    model = create_model(ckpt["arch"], heads.num_outputs)
+    merge = ckpt.get("merged_classes")
+    trained_outputs = heads.num_outputs + (len(merge["table"]) - taxonomy.num_classes if merge else 0)
+    model = create_model(ckpt["arch"], trained_outputs)
     model.load_state_dict(ckpt["state_dict"])
+    if merge:
+        from race_classifier.models.merged import MergedRaceClasses
+        model = MergedRaceClasses(model, merge["table"], taxonomy.num_classes, merge.get("temperature", 1.0))
     model.to(device).eval()
     return LoadedModel(model, taxonomy, Preprocessing.from_dict(ckpt["preprocessing"]), ckpt, heads)

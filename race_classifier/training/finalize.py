@@ -217,7 +217,8 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
         "seed": train_args.get("seed"),
         "model_ema_decay": train_args.get("model_ema_decay"),
         "best_metric": train_args.get("best_metric"),
-        "post_training": _post_training_change(train_args),
+        "post_training": "; then ".join(filter(None, (_post_training_change(train_args),
+                                                      _merged_classes_change(ckpt.get("merged_classes"))))),
         "evaluation": evaluation,
         "subgroups": {dim: evaluation["subgroups"].get(dim) or [] for dim in ("gender", "age", "age_group")},
         "heads": _card_heads(heads, evaluation, calibration, val_samples, train_samples),
@@ -288,6 +289,16 @@ def _post_training_change(train_args: dict) -> str | None:
             f"biases of `{source}` so that every class's recall on the validation set below reaches "
             f"{fmt_pct(train_args.get('min_recall'), 0)} where they can; fitted on it, so its figures are optimistic"
             + (f"; {describe_cross_fit(cross_fit)}" if cross_fit else ""))
+
+
+def _merged_classes_change(merge: dict | None) -> str | None:
+    """What ``race-classifier merge-classes`` changed, for the card (None: nothing)."""
+    if not merge:
+        return None
+    from race_classifier.training.merge_classes import describe_merge
+    return (f"the model answers in classes merged from those it was trained in: the race probabilities of "
+            f"`{merge.get('source', 'n/a')}` (temperature {merge.get('temperature', 1.0):.3f}) are summed, "
+            f"{describe_merge(merge)}; the figures below are the merged classes'")
 
 
 # --- race-classifier calibrate ----------------------------------------------------------------------------

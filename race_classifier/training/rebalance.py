@@ -265,7 +265,11 @@ def run(args: argparse.Namespace) -> int:
     from race_classifier.labels import Taxonomy
     from race_classifier.training.finalize import finalize_run
     from race_classifier.utils import atomic_torch_save
-    taxonomy = Taxonomy.from_dict(load_checkpoint(args.model_path)["taxonomy"])
+    ckpt = load_checkpoint(args.model_path)
+    if ckpt.get("merged_classes"):  # its last layer scores the trained classes, not the merged ones
+        raise ValueError(f"{args.model_path} answers in merged classes: rebalance the model it was made from "
+                         f"({ckpt['merged_classes'].get('source')}), then merge that")
+    taxonomy = Taxonomy.from_dict(ckpt["taxonomy"])
     train_samples = read_manifest(args.train_txt, taxonomy)
     val_samples = read_manifest(args.val_txt, taxonomy)
     out = Path(args.out_dir) / "best.pt"

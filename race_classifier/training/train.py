@@ -135,6 +135,11 @@ class Trainer:
 
     def _check_same_model(self, ckpt: dict, path: Path) -> None:
         """A checkpoint this run continues from must have this run's architecture, classes and heads."""
+        merge = ckpt.get("merged_classes")
+        if merge:
+            raise TrainingError(f"{path} answers in classes merged from its network's "
+                                f"({', '.join(merge['from']['classes'])}): train from the model it was made from, "
+                                f"{merge.get('source')}")
         if ckpt["arch"] != self.args.arch or ckpt["taxonomy"]["classes"] != self.classes:
             raise TrainingError(f"{path} was trained as {ckpt['arch']} on {ckpt['taxonomy']['classes']}; "
                                 f"this run asks for {self.args.arch} on {self.classes}")

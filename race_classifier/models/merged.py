@@ -1,0 +1,47 @@
+"""A model that answers in coarser race classes than it was trained in.
+
+A model trained in fairface7 and scored in seed5 (East Asian + Southeast Asian -> Asian, Middle Eastern ->
+White) beat a model trained in seed5 here; ``race-classifier merge-classes`` (training/merge_classes.py)
+makes such a model deployable in the coarser classes. The checkpoint keeps the trained network untouched
+and records the merge under ``merged_classes``:
+
+    {"from": the trained taxonomy (to_dict), "table": target class index per trained class (None: dropped),
+     "temperature": the trained model's temperature, applied before summing, "source": its path}
+
+``MergedRaceClasses`` puts the merge in the network itself, so predict, serve, evaluate and the ONNX export
+see an ordinary model of the target classes: its race output is log(sum of the calibrated probabilities of
+each target class's members), valid logits whose softmax is exactly those sums (renormalised over the kept
+classes when some are dropped). Other heads pass through unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# log of a sum whose members all underflowed: a finite floor keeps softmax and the ONNX graph free of -inf
+LOG_FLOOR_PROBABILITY = 1e-30
+
+
+def membership_matrix(table: list[int | None], num_target: int) -> torch.Tensor:
+    """(trained classes, target classes) 0/1 matrix: which target class each trained class is summed into."""
+    matrix = torch.zeros(len(table), num_target)
+    for source, target in enumerate(table):
+        if target is not None:
+            matrix[source, target] = 1.0
+    return matrix
+
+
+class MergedRaceClasses(nn.Module):
+    """``model``'s race logits (its first ``len(table)`` outputs) turned into log summed probabilities."""
+
+    def __init__(self, model: nn.Module, table: list[int | None], num_target: int, temperature: float = 1.0):
+        super().__init__()
+        self.model, self.num_source, self.temperature = model, len(table), float(temperature)
+        self.register_buffer("membership", membership_matrix(table, num_target), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.model(images)
+        race, rest = logits[:, :self.num_source], logits[:, self.num_source:]
+        probs = torch.softmax(race.float() / self.temperature, dim=1)
+        merged = torch.log((probs @ self.membership).clamp_min(LOG_FLOOR_PROBABILITY))
+        return torch.cat([merged.to(logits.dtype), rest], dim=1)

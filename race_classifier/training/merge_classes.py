@@ -1,0 +1,142 @@
+"""Deploy a trained model in coarser classes: ``race-classifier merge-classes``.
+
+On FairFace a model trained in its 7 races and scored in seed5 (its calibrated probabilities summed: East
+Asian + Southeast Asian -> Asian, Middle Eastern -> White) beat a model trained in seed5 (README, "Accuracy
+recipe and benchmark"), but only ``evaluate --taxonomy`` could sum them. This command writes a checkpoint
+that answers in the coarser classes everywhere: predict, serve, evaluate, compare and the ONNX export.
+
+    race-classifier merge-classes --model_path runs/fairface_fairface7/mnv2_160/best.pt --taxonomy seed5 \\
+        --val_txt runs/fairface_fairface7/val.txt --out_dir runs/fairface_fairface7/mnv2_160_seed5
+
+The trained network is kept as it is (models/merged.py puts the sum in the forward pass, after the trained
+model's own temperature). The merged probabilities then get their own temperature and abstention threshold,
+fitted on the validation manifest (labels in the model's classes, mapped like its outputs, unless
+``--source_taxonomy`` says otherwise), and a model card beside the new best.pt, as a trained run does.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("race_classifier.merge_classes")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_path", required=True, help="a race-classifier checkpoint trained in the finer classes")
+    p.add_argument("--taxonomy", required=True, help="the classes to answer in: seed5, race4, a class file, "
+                   "or a comma-separated list; every one must receive at least one of the model's classes")
+    p.add_argument("--label_map", help="YAML of 'model class: target class' (null drops the class) overriding "
+                   "the built-in mapping")
+    p.add_argument("--val_txt", required=True, help="validation manifest: fits the merged classes' temperature "
+                   "and abstention threshold, and the model card's figures")
+    p.add_argument("--source_taxonomy", help="taxonomy of the manifests' labels (default: the model's own, "
+                   "mapped as its outputs are)")
+    p.add_argument("--train_txt", help="training manifest, for the model card's counts (default: the model's)")
+    p.add_argument("--out_dir", required=True, help="where the new best.pt and MODEL_CARD.md go (not the "
+                   "model's own folder: its card would be overwritten)")
+    p.add_argument("--coverage", type=float, default=0.95, help="share of validation faces the abstention "
+                   "threshold answers")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+
+
+def describe_merge(merge: dict) -> str:
+    """'East Asian + Southeast Asian -> Asian, Middle Eastern -> White' (classes left as they are unnamed)."""
+    from race_classifier.labels import Taxonomy
+    source = Taxonomy.from_dict(merge["from"])
+    target = Taxonomy.from_dict(merge["taxonomy"])
+    members: dict[int, list[str]] = {}
+    for name, index in zip(source.classes, merge["table"]):
+        if index is not None:
+            members.setdefault(index, []).append(name)
+    parts = [f"{' + '.join(names)} -> {target.classes[i]}" for i, names in sorted(members.items())
+             if names != [target.classes[i]]]
+    dropped = [name for name, index in zip(source.classes, merge["table"]) if index is None]
+    if dropped:
+        parts.append(f"{', '.join(dropped)} dropped (the rest renormalised)")
+    return ", ".join(parts) or "each class into the class of the same name"
+
+
+def label_mapping(ckpt: dict, labels):
+    """How labels in taxonomy ``labels`` become the classes ``ckpt`` answers in: a merged model's own merge
+    for labels in the classes it was trained in (label-map overrides included), else the built-in mapping;
+    None when they are its classes already."""
+    from race_classifier.labels import LabelMapping, Taxonomy, get_mapping
+    target, merge = Taxonomy.from_dict(ckpt["taxonomy"]), ckpt.get("merged_classes")
+    if list(labels.classes) == list(target.classes):
+        return None
+    if merge and list(labels.classes) == list(merge["from"]["classes"]):
+        return LabelMapping(labels, target, tuple(merge["table"]))
+    return get_mapping(labels, target)
+
+
+def refuse_merged(ckpt: dict, path) -> None:
+    if ckpt.get("merged_classes"):
+        raise ValueError(f"{path} already answers in merged classes (from {ckpt['merged_classes'].get('source')}): "
+                         "merge from the model it was made from")
+
+
+def merged_checkpoint(ckpt: dict, mapping, source_path: str | Path) -> dict:
+    """``ckpt`` (a trained model's) as a model answering in ``mapping.target``; its network is unchanged."""
+    from race_classifier.heads import Head, HeadLayout
+    refuse_merged(ckpt, source_path)
+    fine, target = mapping.source, mapping.target
+    if list(fine.classes) == list(target.classes):
+        raise ValueError(f"{source_path} already answers in {target.name} ({', '.join(target.classes)}): "
+                         "nothing to merge")
+    unreached = [c for i, c in enumerate(target.classes) if i not in mapping.table]
+    if unreached:
+        raise ValueError(f"{', '.join(unreached)} of {target.name} would never be predicted: no class of "
+                         f"{source_path} ({', '.join(fine.classes)}) maps to it")
+    heads = HeadLayout.from_dict(ckpt.get("heads"), fine.classes)
+    heads = HeadLayout((Head("race", target.classes), *heads.extra), heads.age_bins)
+    out = {k: v for k, v in ckpt.items() if k not in ("calibration", "resume", "heads")}
+    out.update(taxonomy=target.to_dict(), num_classes=target.num_classes,
+               metrics={},  # the training figures are the finer classes': the new calibration has the merged ones
+               merged_classes={"from": fine.to_dict(), "taxonomy": target.to_dict(), "table": list(mapping.table),
+                               "temperature": float((ckpt.get("calibration") or {}).get("temperature") or 1.0),
+                               "source": str(source_path)})
+    if heads.extra:
+        out["heads"] = heads.to_dict()
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from race_classifier.data.manifest import read_manifest
+    from race_classifier.labels import Taxonomy, get_mapping, get_taxonomy, load_label_map
+    from race_classifier.models.checkpoint import load_checkpoint
+    from race_classifier.training.finalize import finalize_run
+    from race_classifier.utils import atomic_torch_save
+
+    if not 0 < args.coverage <= 1:
+        raise ValueError(f"--coverage must be in (0, 1], got {args.coverage}")
+    out = Path(args.out_dir) / "best.pt"
+    if out.resolve().parent == Path(args.model_path).resolve().parent:
+        raise ValueError(f"--out_dir {args.out_dir} is {args.model_path}'s own folder: its model card would be "
+                         "overwritten; give another folder")
+    ckpt = load_checkpoint(args.model_path)
+    refuse_merged(ckpt, args.model_path)
+    fine, target = Taxonomy.from_dict(ckpt["taxonomy"]), get_taxonomy(args.taxonomy)
+    mapping = get_mapping(fine, target, load_label_map(args.label_map) if args.label_map else None)
+    merged = merged_checkpoint(ckpt, mapping, args.model_path)
+
+    labels = label_mapping(merged, get_taxonomy(args.source_taxonomy) if args.source_taxonomy else fine)
+    multi = bool(merged.get("heads"))  # images without a race label still calibrate the other heads
+    val_samples = read_manifest(args.val_txt, target, labels, check_files=False, keep_unlabelled=multi)
+    train_txt = args.train_txt or (ckpt.get("train_args") or {}).get("train_txt")
+    train_samples = None
+    if train_txt and Path(train_txt).is_file():
+        train_samples = read_manifest(train_txt, target, labels, check_files=False, keep_unlabelled=multi)
+    elif train_txt:
+        log.warning("training manifest %s not found: the model card gives no training counts", train_txt)
+        train_txt = None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(merged, out)
+    print(f"Merged {args.model_path} ({fine.name}) into {target.name}: {describe_merge(merged['merged_classes'])}: "
+          f"{out}", flush=True)
+    if finalize_run(out, val_samples, val_txt=args.val_txt, train_samples=train_samples, train_txt=train_txt,
+                    coverage=args.coverage, batch_size=args.batch_size, workers=args.workers) is None:
+        raise ValueError(f"{out} was not calibrated: no readable race-labelled image in {args.val_txt}")
+    return 0
