@@ -67,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
     g.add_argument("--min_lr_ratio", type=float, default=0.01, help="final learning rate / peak")
     g.add_argument("--label_smoothing", type=float, default=0.1)
+    g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="mixup: blend each batch with itself reversed, Beta(ALPHA, ALPHA) weights (0: off; race only)")
+    g.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                   help="CutMix: paste a box of the reversed batch, Beta(ALPHA, ALPHA) area (0: off); with --mixup "
+                        "too, each batch gets one or the other at random")
+    g.add_argument("--mix_prob", type=float, default=1.0, help="share of batches mixed (with --mixup/--cutmix)")
     g.add_argument("--model_ema_decay", type=float, default=0.0,
                    help="keep an exponential moving average of the weights with this decay (e.g. 0.998; 0: off), "
                         "warmed up over the first steps (timm's ModelEmaV3); best.pt holds the averaged weights")
@@ -146,6 +152,8 @@ def resolve(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse
     # Persistent workers need workers; with none there is nothing to keep alive.
     args.persistent_workers = args.workers > 0 and args.persistent_workers is not False
     args.heads = ",".join(h.strip() for h in str(args.heads).split(",") if h.strip())
+    if args.mixup < 0 or args.cutmix < 0 or not 0 < args.mix_prob <= 1:
+        parser.error("--mixup and --cutmix must not be negative, --mix_prob must be in (0, 1]")
     if not 0 <= args.model_ema_decay < 1:
         parser.error("--model_ema_decay must be in [0, 1) (0: no weight averaging)")
     if not 0 < args.abstain_coverage <= 1:

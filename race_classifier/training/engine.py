@@ -62,10 +62,13 @@ class MultiHeadLoss(nn.Module):
             nn.CrossEntropyLoss(weight=race_weights if i == 0 else None, ignore_index=-1,
                                 label_smoothing=label_smoothing) for i in range(len(slices)))
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, soft_race: torch.Tensor | None = None) -> torch.Tensor:
+        """``soft_race``: (N, race classes) target distributions (mixup/cutmix) replacing the race labels."""
         total = logits.new_zeros(())
         for i, (s, loss) in enumerate(zip(self.slices, self.losses)):
-            if (targets[:, i] >= 0).any():  # all-unlabelled would be 0/0
+            if i == 0 and soft_race is not None:
+                total = total + torch.sum(-soft_race * torch.log_softmax(logits[:, s].float(), dim=1), dim=1).mean()
+            elif (targets[:, i] >= 0).any():  # all-unlabelled would be 0/0
                 total = total + loss(logits[:, s].float(), targets[:, i])
         return total
 
@@ -90,7 +93,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                     scheduler, scaler: torch.amp.GradScaler, device: torch.device, amp_dtype: torch.dtype | None,
                     progress: EpochProgress, global_step: int, desc: str = "train",
                     on_step: Callable[[int], None] | None = None, show: bool = True,
-                    memory_format: torch.memory_format = torch.contiguous_format, accum_steps: int = 1) -> int:
+                    memory_format: torch.memory_format = torch.contiguous_format, accum_steps: int = 1,
+                    mix: Callable | None = None) -> int:
     """Train over ``loader`` (already positioned past ``progress.batches``); returns the new global step.
     ``show``: a progress bar (or, off a terminal, progress log lines).
 
@@ -98,7 +102,9 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     (a resumed epoch keeps its groups); each group's losses are scaled by 1/its size and its gradients summed,
     then the optimizer steps once (the epoch's last group may be shorter and steps too). ``global_step`` and
     ``on_step`` count optimizer steps, and ``on_step`` runs only after one, when no gradient is pending: a
-    checkpoint written there resumes exactly. Under DDP the non-final batches of a group skip the all-reduce."""
+    checkpoint written there resumes exactly. Under DDP the non-final batches of a group skip the all-reduce.
+    ``mix(images, race targets, batch=number)`` (mixing.BatchMixer with its epoch bound): mixed images and
+    soft race targets to train on; the epoch's training accuracy is still counted against the unmixed labels."""
     model.train()
     quiet = not sys.stderr.isatty()  # tqdm hides itself then; a log line every LOG_EVERY batches instead
     started, seen_before, total = time.time(), progress.seen, progress.batches + len(loader)
@@ -115,10 +121,13 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         if batch["images"] is not None:
             images = batch["images"].to(device, non_blocking=True, memory_format=memory_format)
             targets = batch["targets"].to(device, non_blocking=True)
+            soft_race = None
+            if mix is not None:
+                images, soft_race = mix(images, targets[:, 0], batch=progress.batches)
             with _gradient_sync(model, ends_group):
                 with autocast(device, amp_dtype):
                     logits = model(images)
-                    loss = criterion(logits, targets)
+                    loss = criterion(logits, targets, soft_race)
                 scaler.scale(loss / group_size).backward()
             pending = True
             progress.loss_sum += loss.item() * len(targets)

@@ -323,8 +323,22 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def read_manifests(val_txt, train_txt, taxonomy: Taxonomy, mapping, multi: bool) -> tuple:
+    """(validation samples, training samples or None, train_txt or None) for calibration and the model card;
+    a missing training manifest only costs the card its counts. ``multi`` (a model with gender/age heads)
+    keeps images without a race label: they calibrate those heads."""
     from race_classifier.data.manifest import read_manifest
+    val_samples = read_manifest(val_txt, taxonomy, mapping, check_files=False, keep_unlabelled=multi)
+    train_samples = None
+    if train_txt and Path(train_txt).is_file():
+        train_samples = read_manifest(train_txt, taxonomy, mapping, check_files=False, keep_unlabelled=multi)
+    elif train_txt:
+        log.warning("training manifest %s not found: the model card gives no training counts", train_txt)
+        train_txt = None
+    return val_samples, train_samples, train_txt
+
+
+def run(args: argparse.Namespace) -> int:
     from race_classifier.labels import Taxonomy, get_mapping, get_taxonomy, load_label_map
     from race_classifier.models.checkpoint import load_checkpoint
 
@@ -339,16 +353,8 @@ def run(args: argparse.Namespace) -> int:
     if source_spec or label_map:
         source = get_taxonomy(source_spec) if source_spec else taxonomy
         mapping = get_mapping(source, taxonomy, load_label_map(label_map) if label_map else None)
-    # A model with gender/age heads keeps images without a race label: they calibrate those heads.
-    multi = bool(ckpt.get("heads"))
-    val_samples = read_manifest(args.val_txt, taxonomy, mapping, check_files=False, keep_unlabelled=multi)
-    train_txt = args.train_txt or train_args.get("train_txt")
-    train_samples = None
-    if train_txt and Path(train_txt).is_file():
-        train_samples = read_manifest(train_txt, taxonomy, mapping, check_files=False, keep_unlabelled=multi)
-    elif train_txt:
-        log.warning("training manifest %s not found: the model card gives no training counts", train_txt)
-        train_txt = None
+    val_samples, train_samples, train_txt = read_manifests(
+        args.val_txt, args.train_txt or train_args.get("train_txt"), taxonomy, mapping, bool(ckpt.get("heads")))
     result = finalize_run(args.model_path, val_samples, val_txt=args.val_txt, train_samples=train_samples,
                           train_txt=train_txt, coverage=args.coverage, batch_size=args.batch_size,
                           workers=args.workers, device=args.device, n_boot=args.n_boot, seed=args.seed,

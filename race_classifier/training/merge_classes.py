@@ -16,10 +16,7 @@ fitted on the validation manifest (labels in the model's classes, mapped like it
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
-
-log = logging.getLogger("race_classifier.merge_classes")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,10 +100,9 @@ def merged_checkpoint(ckpt: dict, mapping, source_path: str | Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from race_classifier.data.manifest import read_manifest
     from race_classifier.labels import Taxonomy, get_mapping, get_taxonomy, load_label_map
     from race_classifier.models.checkpoint import load_checkpoint
-    from race_classifier.training.finalize import finalize_run
+    from race_classifier.training.finalize import finalize_run, read_manifests
     from race_classifier.utils import atomic_torch_save
 
     if not 0 < args.coverage <= 1:
@@ -122,15 +118,9 @@ def run(args: argparse.Namespace) -> int:
     merged = merged_checkpoint(ckpt, mapping, args.model_path)
 
     labels = label_mapping(merged, get_taxonomy(args.source_taxonomy) if args.source_taxonomy else fine)
-    multi = bool(merged.get("heads"))  # images without a race label still calibrate the other heads
-    val_samples = read_manifest(args.val_txt, target, labels, check_files=False, keep_unlabelled=multi)
-    train_txt = args.train_txt or (ckpt.get("train_args") or {}).get("train_txt")
-    train_samples = None
-    if train_txt and Path(train_txt).is_file():
-        train_samples = read_manifest(train_txt, target, labels, check_files=False, keep_unlabelled=multi)
-    elif train_txt:
-        log.warning("training manifest %s not found: the model card gives no training counts", train_txt)
-        train_txt = None
+    val_samples, train_samples, train_txt = read_manifests(
+        args.val_txt, args.train_txt or (ckpt.get("train_args") or {}).get("train_txt"), target, labels,
+        bool(merged.get("heads")))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(merged, out)

@@ -24,6 +24,7 @@ torch.compile of the training model; checkpoints and evaluation use the plain mo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -44,6 +45,7 @@ from race_classifier.training import TrainingError, config
 from race_classifier.training.accel import compile_model, is_compile_error, resolve_amp, resolve_device
 from race_classifier.training.distributed import World, init_from_env, teardown
 from race_classifier.training.engine import EpochProgress, MultiHeadLoss, evaluate, train_one_epoch
+from race_classifier.training.mixing import BatchMixer
 from race_classifier.training.report import append_csv_row, epoch_row, format_epoch, rewrite_csv
 from race_classifier.training.rng import get_rng_state, seed_everything, set_rng_state
 from race_classifier.training.run_data import RunSamples, build_loaders
@@ -120,6 +122,13 @@ class Trainer:
         if args.balance == "loss":
             counts = torch.bincount(labels[labels >= 0], minlength=self.taxonomy.num_classes).float()
             class_weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
+        self.mixer = None
+        if args.mixup or args.cutmix:
+            if self.heads.extra or args.balance == "loss":
+                raise TrainingError("--mixup/--cutmix mix race labels only: not with gender/age heads (--heads) "
+                                    "or class-weighted loss (--balance loss)")
+            self.mixer = BatchMixer(args.mixup, args.cutmix, args.mix_prob, self.taxonomy.num_classes,
+                                    args.label_smoothing, args.seed, world.rank)
         self.criterion = MultiHeadLoss(list(self.heads.slices().values()), class_weights,
                                        args.label_smoothing).to(self.device)
         self.start_epoch, self.global_step, self.history = 0, 0, []
@@ -262,7 +271,8 @@ class Trainer:
                 self.train_model, self.data.train_loader, self.criterion, self.optimizer, self.scheduler,
                 self.scaler, self.device, self.amp_dtype, self.progress, self.global_step,
                 desc=f"epoch {epoch + 1}/{self.args.num_epochs}", on_step=on_step, show=self.world.main,
-                memory_format=self.memory_format, accum_steps=self.args.accum_steps)
+                memory_format=self.memory_format, accum_steps=self.args.accum_steps,
+                mix=functools.partial(self.mixer, epoch=epoch) if self.mixer else None)
         except Exception as e:
             if self.args.compile and is_compile_error(e):
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
