@@ -3,7 +3,6 @@ and that runs with gender/age heads refuse it."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from race_classifier.training.mixing import BatchMixer

@@ -5,8 +5,9 @@ White) beat a model trained in seed5 here; ``race-classifier merge-classes`` (tr
 makes such a model deployable in the coarser classes. The checkpoint keeps the trained network untouched
 and records the merge under ``merged_classes``:
 
-    {"from": the trained taxonomy (to_dict), "table": target class index per trained class (None: dropped),
-     "temperature": the trained model's temperature, applied before summing, "source": its path}
+    {"from": the trained taxonomy (to_dict), "taxonomy": the target taxonomy (to_dict), "table": target class
+     index per trained class (None: dropped), "temperature": the trained model's temperature, applied before
+     summing, "source": the trained checkpoint's path}
 
 ``MergedRaceClasses`` puts the merge in the network itself, so predict, serve, evaluate and the ONNX export
 see an ordinary model of the target classes: its race output is log(sum of the calibrated probabilities of

@@ -117,9 +117,9 @@ def run(args: argparse.Namespace) -> int:
     mapping = get_mapping(fine, target, load_label_map(args.label_map) if args.label_map else None)
     merged = merged_checkpoint(ckpt, mapping, args.model_path)
 
-    labels = label_mapping(merged, get_taxonomy(args.source_taxonomy) if args.source_taxonomy else fine)
+    manifest_mapping = label_mapping(merged, get_taxonomy(args.source_taxonomy) if args.source_taxonomy else fine)
     val_samples, train_samples, train_txt = read_manifests(
-        args.val_txt, args.train_txt or (ckpt.get("train_args") or {}).get("train_txt"), target, labels,
+        args.val_txt, args.train_txt or (ckpt.get("train_args") or {}).get("train_txt"), target, manifest_mapping,
         bool(merged.get("heads")))
 
     out.parent.mkdir(parents=True, exist_ok=True)

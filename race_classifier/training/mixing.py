@@ -24,7 +24,7 @@ class BatchMixer:
         self.num_classes, self.label_smoothing, self.seed, self.rank = num_classes, label_smoothing, seed, rank
 
     def batch_seed(self, epoch: int, batch: int) -> int:
-        return int(np.random.SeedSequence([self.seed, self.rank, epoch, batch]).generate_state(1)[0])
+        return int(np.random.SeedSequence([self.seed % 2**32, self.rank, epoch, batch]).generate_state(1)[0])
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, batch: int):
         if len(images) % 2:  # timm mixes each image with its mirror in the batch order: an odd batch stays whole
