@@ -104,9 +104,30 @@ def test_misuse_is_refused_with_a_clear_error(trained_checkpoints, manifests, la
     assert merge(out / "best.pt", manifests, tmp_path / "twice", label_map) == 2
     assert "already answers in merged classes" in caplog.text
     assert cli_main(["rebalance", "--model_path", str(out / "best.pt"), "--train_txt", str(manifests / "train.txt"),
-                     "--val_txt", str(manifests / "val.txt"), "--out_dir", str(tmp_path / "r")]) == 2
-    assert "rebalance the model it was made from" in caplog.text
+                     "--val_txt", str(manifests / "val.txt"), "--out_dir", str(tmp_path / "r"),
+                     "--source_taxonomy", str(manifests / "classes.txt"), "--balance", "group"]) == 2
+    assert "refit the last layer of the model it was made from" in caplog.text
     assert train_main(train_args(manifests, tmp_path / "t", "--num_epochs", "1", "--taxonomy", COARSE,
                                  "--source_taxonomy", str(manifests / "classes.txt"), "--label_map", str(label_map),
                                  "--initial_checkpoint", str(out / "best.pt"))) == 2
     assert "train from the model it was made from" in caplog.text
+
+
+def test_recall_offsets_on_a_merged_model_go_on_its_merged_logits(trained_checkpoints, manifests, label_map,
+                                                                   tmp_path):
+    merged = tmp_path / "merged"
+    assert merge(trained_checkpoints[1], manifests, merged, label_map) == 0
+    out = tmp_path / "recall"
+    assert cli_main(["rebalance", "--model_path", str(merged / "best.pt"), "--train_txt", str(manifests / "train.txt"),
+                     "--val_txt", str(manifests / "val.txt"), "--source_taxonomy", str(manifests / "classes.txt"),
+                     "--balance", "recall", "--min_recall", "0.6", "--out_dir", str(out), "--workers", "0"]) == 0
+    offsets = np.array(load_checkpoint(out / "best.pt")["merged_classes"]["offsets"])
+    assert offsets.any()
+    coarse = get_taxonomy(COARSE)
+    samples = read_manifest(manifests / "val.txt", coarse, get_mapping(get_taxonomy(str(manifests / "classes.txt")),
+                                                                       coarse, load_label_map(label_map)))
+    before, _ = predict_logits(load_predictor(merged / "best.pt"), samples, workers=0)
+    after, _ = predict_logits(load_predictor(out / "best.pt"), samples, workers=0)
+    np.testing.assert_allclose(after, before + offsets, atol=1e-5)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert card.index("answers in classes merged") < card.index("were added to the merged race logits")

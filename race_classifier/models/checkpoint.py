@@ -99,6 +99,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     model.load_state_dict(ckpt["state_dict"])
     if merge:
         from race_classifier.models.merged import MergedRaceClasses
-        model = MergedRaceClasses(model, merge["table"], taxonomy.num_classes, merge.get("temperature", 1.0))
+        model = MergedRaceClasses(model, merge["table"], taxonomy.num_classes, merge.get("temperature", 1.0),
+                                  merge.get("offsets"))
     model.to(device).eval()
     return LoadedModel(model, taxonomy, Preprocessing.from_dict(ckpt["preprocessing"]), ckpt, heads)

@@ -7,7 +7,8 @@ and records the merge under ``merged_classes``:
 
     {"from": the trained taxonomy (to_dict), "taxonomy": the target taxonomy (to_dict), "table": target class
      index per trained class (None: dropped), "temperature": the trained model's temperature, applied before
-     summing, "source": the trained checkpoint's path}
+     summing, "source": the trained checkpoint's path, "offsets": per target class, added to the merged
+     logits (``rebalance --balance recall`` on a merged model; absent: none)}
 
 ``MergedRaceClasses`` puts the merge in the network itself, so predict, serve, evaluate and the ONNX export
 see an ordinary model of the target classes: its race output is log(sum of the calibrated probabilities of
@@ -35,14 +36,17 @@ def membership_matrix(table: list[int | None], num_target: int) -> torch.Tensor:
 class MergedRaceClasses(nn.Module):
     """``model``'s race logits (its first ``len(table)`` outputs) turned into log summed probabilities."""
 
-    def __init__(self, model: nn.Module, table: list[int | None], num_target: int, temperature: float = 1.0):
+    def __init__(self, model: nn.Module, table: list[int | None], num_target: int, temperature: float = 1.0,
+                 offsets: list[float] | None = None):
         super().__init__()
         self.model, self.num_source, self.temperature = model, len(table), float(temperature)
         self.register_buffer("membership", membership_matrix(table, num_target), persistent=False)
+        self.register_buffer("offsets", torch.tensor(offsets or [0.0] * num_target, dtype=torch.float32),
+                             persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.model(images)
         race, rest = logits[:, :self.num_source], logits[:, self.num_source:]
         probs = torch.softmax(race.float() / self.temperature, dim=1)
-        merged = torch.log((probs @ self.membership).clamp_min(LOG_FLOOR_PROBABILITY))
+        merged = torch.log((probs @ self.membership).clamp_min(LOG_FLOOR_PROBABILITY)) + self.offsets
         return torch.cat([merged.to(logits.dtype), rest], dim=1)

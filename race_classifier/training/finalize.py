@@ -217,8 +217,7 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
         "seed": train_args.get("seed"),
         "model_ema_decay": train_args.get("model_ema_decay"),
         "best_metric": train_args.get("best_metric"),
-        "post_training": "; then ".join(filter(None, (_post_training_change(train_args),
-                                                      _merged_classes_change(ckpt.get("merged_classes"))))),
+        "post_training": _post_training_changes(ckpt),
         "evaluation": evaluation,
         "subgroups": {dim: evaluation["subgroups"].get(dim) or [] for dim in ("gender", "age", "age_group")},
         "heads": _card_heads(heads, evaluation, calibration, val_samples, train_samples),
@@ -273,7 +272,7 @@ def _card_heads(heads: HeadLayout | None, evaluation: dict, calibration: dict, v
     return out
 
 
-def _post_training_change(train_args: dict) -> str | None:
+def _post_training_change(train_args: dict, on_merged: bool = False) -> str | None:
     """What ``race-classifier rebalance`` changed after training, for the card (None: nothing)."""
     from race_classifier.evaluation.formatting import fmt_pct
     from race_classifier.training.rebalance import describe_cross_fit, describe_offsets
@@ -285,10 +284,20 @@ def _post_training_change(train_args: dict) -> str | None:
         return (f"the race layer of `{source}` was refitted on its frozen features with `{balance}` sample "
                 f"weights (last-layer rebalancing)")
     cross_fit = train_args.get("recall_offsets_cross_fit")
-    return (f"per-class offsets ({describe_offsets(train_args.get('recall_offsets') or {})}) were added to the race "
-            f"biases of `{source}` so that every class's recall on the validation set below reaches "
-            f"{fmt_pct(train_args.get('min_recall'), 0)} where they can; fitted on it, so its figures are optimistic"
+    return (f"per-class offsets ({describe_offsets(train_args.get('recall_offsets') or {})}) were added to the "
+            f"{'merged race logits' if on_merged else 'race biases'} of `{source}` so that every class's recall on "
+            f"the validation set below reaches {fmt_pct(train_args.get('min_recall'), 0)} where they can; fitted on it, so its figures are optimistic"
             + (f"; {describe_cross_fit(cross_fit)}" if cross_fit else ""))
+
+
+def _post_training_changes(ckpt: dict) -> str | None:
+    """Every change made after training, in the order made (None: none)."""
+    merge = ckpt.get("merged_classes")
+    on_merged = bool(merge and merge.get("offsets"))  # recall offsets fitted on the merged model
+    changes = [_post_training_change(ckpt.get("train_args") or {}, on_merged), _merged_classes_change(merge)]
+    if on_merged:
+        changes.reverse()
+    return "; then ".join(c for c in changes if c) or None
 
 
 def _merged_classes_change(merge: dict | None) -> str | None:

@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "race x gender cell the same total weight); or recall: keep the layer, add per-class "
                         "offsets fitted on --val_txt so every class reaches --min_recall")
     p.add_argument("--min_recall", type=float, default=0.6, help="--balance recall: the target recall per class")
+    p.add_argument("--source_taxonomy", help="taxonomy of the manifests' labels when not the model's (e.g. a "
+                   "merge-classes model's manifests in the classes it was trained in: mapped as its outputs are)")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
@@ -189,17 +191,26 @@ def raise_low_recalls(model_path: str | Path, val_samples, min_recall: float, ba
     """(checkpoint with the offsets added to its race biases, report): ``--balance recall``."""
     from race_classifier.models.checkpoint import load_model
     loaded = load_model(model_path)
-    if features is None:
-        features = extract_features(loaded.model, val_samples, loaded.preprocessing, batch_size, workers,
-                                    desc="validation features")
-    feats, readable = features
+    merge = loaded.checkpoint.get("merged_classes")
     labels = np.array([s.label for s in val_samples])
-    use = readable & (labels >= 0)
-    name, linear = last_linear(loaded.model)
     k = loaded.taxonomy.num_classes
-    weight = linear.weight.detach().double().numpy()[:k]
-    bias = linear.bias.detach().double().numpy()[:k]
-    logits = feats[use] @ weight.T + bias
+    if merge:  # no race layer answers in these classes: the offsets go on the merged logits (models/merged.py)
+        from race_classifier.evaluation.runner import predict_logits
+        from race_classifier.models.loaders import load_predictor
+        all_logits, _ = predict_logits(load_predictor(model_path), val_samples, batch_size, workers,
+                                       desc="validation logits")
+        use = ~np.isnan(all_logits).any(axis=1) & (labels >= 0)
+        logits = all_logits[use]
+    else:
+        if features is None:
+            features = extract_features(loaded.model, val_samples, loaded.preprocessing, batch_size, workers,
+                                        desc="validation features")
+        feats, readable = features
+        use = readable & (labels >= 0)
+        name, linear = last_linear(loaded.model)
+        weight = linear.weight.detach().double().numpy()[:k]
+        bias = linear.bias.detach().double().numpy()[:k]
+        logits = feats[use] @ weight.T + bias
     offsets = fit_recall_offsets(logits, labels[use], min_recall)
     accuracy, recalls = cross_fitted_offsets_estimate(logits, labels[use], min_recall)
     report = {"offsets": dict(zip(loaded.taxonomy.classes, offsets.round(3).tolist())), "min_recall": min_recall,
@@ -207,7 +218,11 @@ def raise_low_recalls(model_path: str | Path, val_samples, min_recall: float, ba
               "accuracy_before": float((logits.argmax(1) == labels[use]).mean()),
               "accuracy_after": float(((logits + offsets).argmax(1) == labels[use]).mean()),
               "worst_recall_after": float(np.nanmin(class_recalls(logits + offsets, labels[use], k)))}
-    out = _with_race_layer(loaded.checkpoint, name, k, bias=bias + offsets)
+    if merge:
+        out = {key: value for key, value in loaded.checkpoint.items() if key not in ("calibration", "resume")}
+        out["merged_classes"] = {**merge, "offsets": (np.array(merge.get("offsets") or np.zeros(k)) + offsets).tolist()}
+    else:
+        out = _with_race_layer(loaded.checkpoint, name, k, bias=bias + offsets)
     out["train_args"] = {**loaded.checkpoint.get("train_args", {}), "last_layer_rebalance": "recall",
                          "min_recall": min_recall, "recall_offsets": report["offsets"],
                          "recall_offsets_cross_fit": report["cross_fit"],
@@ -262,16 +277,19 @@ def format_recall_report(report: dict, model_path, out: Path) -> str:
 def run(args: argparse.Namespace) -> int:
     from race_classifier.data.manifest import read_manifest
     from race_classifier.models.checkpoint import load_checkpoint
-    from race_classifier.labels import Taxonomy
+    from race_classifier.labels import Taxonomy, get_taxonomy
+    from race_classifier.training.merge_classes import label_mapping
     from race_classifier.training.finalize import finalize_run
     from race_classifier.utils import atomic_torch_save
     ckpt = load_checkpoint(args.model_path)
-    if ckpt.get("merged_classes"):  # its last layer scores the trained classes, not the merged ones
-        raise ValueError(f"{args.model_path} answers in merged classes: rebalance the model it was made from "
-                         f"({ckpt['merged_classes'].get('source')}), then merge that")
+    if ckpt.get("merged_classes") and args.balance != "recall":  # its last layer scores the trained classes
+        raise ValueError(f"{args.model_path} answers in merged classes: refit the last layer of the model it was "
+                         f"made from ({ckpt['merged_classes'].get('source')}), then merge that (--balance recall "
+                         "works on a merged model: its offsets go on the merged classes)")
     taxonomy = Taxonomy.from_dict(ckpt["taxonomy"])
-    train_samples = read_manifest(args.train_txt, taxonomy)
-    val_samples = read_manifest(args.val_txt, taxonomy)
+    mapping = label_mapping(ckpt, get_taxonomy(args.source_taxonomy)) if args.source_taxonomy else None
+    train_samples = read_manifest(args.train_txt, taxonomy, mapping)
+    val_samples = read_manifest(args.val_txt, taxonomy, mapping)
     out = Path(args.out_dir) / "best.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.balance == "recall":
