@@ -42,6 +42,7 @@ def test_merged_model_answers_with_the_summed_calibrated_probabilities(trained_c
 
     fine, merged = load_predictor(source), load_predictor(out / "best.pt")
     assert merged.taxonomy.classes == ("lines", "spots")
+    assert "stripes + checks -> lines" in merged.info["merged_classes"]
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["merged_classes"]["temperature"] == pytest.approx(fine.temperature)
     assert merged.temperature == pytest.approx(ckpt["calibration"]["temperature"]) and merged.abstention_threshold
@@ -69,6 +70,7 @@ def test_merged_model_answers_with_the_summed_calibrated_probabilities(trained_c
                      "--val_txt", str(manifests / "val.txt"), "--source_taxonomy", str(manifests / "classes.txt")]) == 0
     exported = load_predictor(onnx_path)
     assert exported.taxonomy.classes == ("lines", "spots")
+    assert "stripes + checks -> lines" in exported.info["source"]["merged_classes"]
     np.testing.assert_allclose(exported.predict_proba(images), merged.predict_proba(images), atol=1e-4)
 
 

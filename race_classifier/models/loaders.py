@@ -192,6 +192,10 @@ def _from_checkpoint(path: Path, device: torch.device) -> Predictor:
                                  if k in ("val_accuracy", "val_balanced_accuracy", "val_loss")}}
     if loaded.heads.extra:
         info["heads"] = describe_heads(loaded.heads)
+    if ckpt.get("merged_classes"):
+        from race_classifier.training.merge_classes import describe_merge
+        merge = ckpt["merged_classes"]
+        info["merged_classes"] = f"trained in {merge['from']['name']}: {describe_merge(merge)}"
     calibration = ckpt.get("calibration")
     if calibration:
         info["calibration"] = calibration
