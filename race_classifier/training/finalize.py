@@ -286,7 +286,8 @@ def _post_training_change(train_args: dict, on_merged: bool = False) -> str | No
     cross_fit = train_args.get("recall_offsets_cross_fit")
     return (f"per-class offsets ({describe_offsets(train_args.get('recall_offsets') or {})}) were added to the "
             f"{'merged race logits' if on_merged else 'race biases'} of `{source}` so that every class's recall on "
-            f"the validation set below reaches {fmt_pct(train_args.get('min_recall'), 0)} where they can; fitted on it, so its figures are optimistic"
+            f"the validation set below reaches {fmt_pct(train_args.get('min_recall'), 0)} where they can; fitted on "
+            "it, so its figures are optimistic"
             + (f"; {describe_cross_fit(cross_fit)}" if cross_fit else ""))
 
 

@@ -188,7 +188,8 @@ def _with_race_layer(ckpt: dict, name: str, num_classes: int, weight=None, bias=
 
 def raise_low_recalls(model_path: str | Path, val_samples, min_recall: float, batch_size: int = 128,
                       workers: int = 2, features=None) -> tuple[dict, dict]:
-    """(checkpoint with the offsets added to its race biases, report): ``--balance recall``."""
+    """(checkpoint with the offsets added to its race biases, or to a merge-classes model's merged logits,
+    report): ``--balance recall``."""
     from race_classifier.models.checkpoint import load_model
     loaded = load_model(model_path)
     merge = loaded.checkpoint.get("merged_classes")
