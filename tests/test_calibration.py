@@ -124,6 +124,23 @@ def test_calibrate_command_matches_training_on_an_old_checkpoint(calibrated, man
     torch.testing.assert_close(redone["state_dict"], ckpt["state_dict"])
 
 
+def test_calibrate_names_an_unreadable_validation_image_and_fits_on_the_rest(calibrated, manifests, tmp_path,
+                                                                             caplog):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    val = tmp_path / "val.txt"
+    lines = (manifests / "val.txt").read_text().splitlines()
+    label = next(l for l in lines if l and not l.startswith("#")).split("\t")[1]
+    val.write_text("\n".join(lines) + f"\n{bad}\t{label}\t\t\n")
+    model = tmp_path / "best.pt"
+    atomic_torch_save(load_checkpoint(calibrated), model)
+    assert cli_main(["calibrate", "--model_path", str(model), "--val_txt", str(val), "--workers", "0",
+                     "--n_boot", "50"]) == 0
+    assert "skipped 1 unreadable validation image(s)" in caplog.text and str(bad) in caplog.text
+    assert load_checkpoint(model)["calibration"]["n"] == len(read_manifest(manifests / "val.txt",
+                                                                           load_predictor(model).taxonomy))
+
+
 def test_predict_proba_divides_logits_by_the_temperature(calibrated, val_samples):
     predictor = load_predictor(calibrated)
     t = load_checkpoint(calibrated)["calibration"]["temperature"]

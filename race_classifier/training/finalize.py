@@ -118,6 +118,10 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
     predictor = load_predictor(best_path, device=device)
     heads = predictor.heads
     logits, errors = predict_logits(predictor, val_samples, batch_size, workers, desc="calibrating", all_heads=True)
+    if errors:  # left out of the fit and the card's figures, and said so
+        shown = "; ".join(f"{val_samples[i].path}: {reason}" for i, reason in sorted(errors.items())[:10])
+        log.warning("skipped %d unreadable validation image(s) of %s: %s%s", len(errors), val_txt, shown,
+                    " ..." if len(errors) > 10 else "")
     ok = ~np.isnan(logits).any(axis=1)
     parts = heads.split(logits)
     # Multi-task validation sets keep images without a race label (-1) for the other heads.
