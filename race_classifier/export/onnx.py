@@ -75,9 +75,8 @@ def build_metadata(checkpoint: dict, taxonomy: Taxonomy, preprocessing: Preproce
                    "dataset": (checkpoint.get("train_args") or {}).get("dataset"),
                    "metrics": checkpoint.get("metrics") or {}}
     if checkpoint.get("merged_classes"):  # the merge is in the graph; say so beside the classes
-        from race_classifier.training.merge_classes import describe_merge
-        merge = checkpoint["merged_classes"]
-        source_info["merged_classes"] = f"trained in {merge['from']['name']}: {describe_merge(merge)}"
+        from race_classifier.training.merge_classes import merge_summary
+        source_info["merged_classes"] = merge_summary(checkpoint["merged_classes"])
     metadata = {
         "format": ONNX_FORMAT,
         "format_version": str(ONNX_FORMAT_VERSION),

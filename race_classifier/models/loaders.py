@@ -193,9 +193,8 @@ def _from_checkpoint(path: Path, device: torch.device) -> Predictor:
     if loaded.heads.extra:
         info["heads"] = describe_heads(loaded.heads)
     if ckpt.get("merged_classes"):
-        from race_classifier.training.merge_classes import describe_merge
-        merge = ckpt["merged_classes"]
-        info["merged_classes"] = f"trained in {merge['from']['name']}: {describe_merge(merge)}"
+        from race_classifier.training.merge_classes import merge_summary
+        info["merged_classes"] = merge_summary(ckpt["merged_classes"])
     calibration = ckpt.get("calibration")
     if calibration:
         info["calibration"] = calibration

@@ -62,12 +62,13 @@ class MultiHeadLoss(nn.Module):
             nn.CrossEntropyLoss(weight=race_weights if i == 0 else None, ignore_index=-1,
                                 label_smoothing=label_smoothing) for i in range(len(slices)))
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor, soft_race: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor,
+                soft_race: torch.Tensor | None = None) -> torch.Tensor:
         """``soft_race``: (N, race classes) target distributions (mixup/cutmix) replacing the race labels."""
         total = logits.new_zeros(())
         for i, (s, loss) in enumerate(zip(self.slices, self.losses)):
             if i == 0 and soft_race is not None:
-                total = total + torch.sum(-soft_race * torch.log_softmax(logits[:, s].float(), dim=1), dim=1).mean()
+                total = total + nn.functional.cross_entropy(logits[:, s].float(), soft_race)  # class probabilities
             elif (targets[:, i] >= 0).any():  # all-unlabelled would be 0/0
                 total = total + loss(logits[:, s].float(), targets[:, i])
         return total

@@ -55,6 +55,11 @@ def describe_merge(merge: dict) -> str:
     return ", ".join(parts) or "each class into the class of the same name"
 
 
+def merge_summary(merge: dict) -> str:
+    """'trained in fairface7: East Asian + Southeast Asian -> Asian, ...' for model information and metadata."""
+    return f"trained in {merge['from']['name']}: {describe_merge(merge)}"
+
+
 def label_mapping(ckpt: dict, labels):
     """How labels in taxonomy ``labels`` become the classes ``ckpt`` answers in: a merged model's own merge
     for labels in the classes it was trained in (label-map overrides included), else the built-in mapping;

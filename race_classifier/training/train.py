@@ -170,10 +170,11 @@ class Trainer:
         log.info("initialised every weight from %s", account)
         return account
 
-    def _save(self, path: Path, epoch: int, metrics: dict, resume: dict | None, model: nn.Module | None = None) -> None:
-        save_checkpoint(path, model=self.model if model is None else model, arch=self.args.arch, taxonomy=self.taxonomy,
-                        preprocessing=self.preprocessing, train_args=self._train_args(), epoch=epoch,
-                        metrics=metrics, history=self.history, resume=resume, heads=self.heads)
+    def _save(self, path: Path, epoch: int, metrics: dict, resume: dict | None,
+              model: nn.Module | None = None) -> None:
+        save_checkpoint(path, model=self.model if model is None else model, arch=self.args.arch,
+                        taxonomy=self.taxonomy, preprocessing=self.preprocessing, train_args=self._train_args(),
+                        epoch=epoch, metrics=metrics, history=self.history, resume=resume, heads=self.heads)
 
     def save_last(self, epoch: int, in_progress: bool) -> None:
         """``epoch`` is the number of the epoch to run next; ``in_progress`` saves a partial epoch."""
