@@ -73,6 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="CutMix: paste a box of the reversed batch, Beta(ALPHA, ALPHA) area (0: off); with --mixup "
                         "too, each batch gets one or the other at random")
     g.add_argument("--mix_prob", type=float, default=1.0, help="share of batches mixed (with --mixup/--cutmix)")
+    g.add_argument("--soft_labels", metavar="FILE",
+                   help="knowledge distillation: train the race head towards teachers' probabilities, from a file "
+                        "written by `race-classifier soft-labels` for this training manifest (race only)")
+    g.add_argument("--distill_weight", type=float, default=0.5,
+                   help="with --soft_labels: weight of the teachers' probabilities in the targets (the label has "
+                        "the rest)")
     g.add_argument("--model_ema_decay", type=float, default=0.0,
                    help="keep an exponential moving average of the weights with this decay (e.g. 0.998; 0: off), "
                         "warmed up over the first steps (timm's ModelEmaV3); best.pt holds the averaged weights")
@@ -154,6 +160,8 @@ def resolve(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse
     args.heads = ",".join(h.strip() for h in str(args.heads).split(",") if h.strip())
     if args.mixup < 0 or args.cutmix < 0 or not 0 < args.mix_prob <= 1:
         parser.error("--mixup and --cutmix must not be negative, --mix_prob must be in (0, 1]")
+    if not 0 < args.distill_weight <= 1:
+        parser.error("--distill_weight must be in (0, 1]")
     if not 0 <= args.model_ema_decay < 1:
         parser.error("--model_ema_decay must be in [0, 1) (0: no weight averaging)")
     if not 0 < args.abstain_coverage <= 1:

@@ -95,7 +95,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                     progress: EpochProgress, global_step: int, desc: str = "train",
                     on_step: Callable[[int], None] | None = None, show: bool = True,
                     memory_format: torch.memory_format = torch.contiguous_format, accum_steps: int = 1,
-                    mix: Callable | None = None) -> int:
+                    mix: Callable | None = None, teacher: Callable | None = None) -> int:
     """Train over ``loader`` (already positioned past ``progress.batches``); returns the new global step.
     ``show``: a progress bar (or, off a terminal, progress log lines).
 
@@ -105,7 +105,9 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     ``on_step`` count optimizer steps, and ``on_step`` runs only after one, when no gradient is pending: a
     checkpoint written there resumes exactly. Under DDP the non-final batches of a group skip the all-reduce.
     ``mix(images, race targets, batch=number)`` (mixing.BatchMixer with its epoch bound): mixed images and
-    soft race targets to train on; the epoch's training accuracy is still counted against the unmixed labels."""
+    soft race targets to train on; the epoch's training accuracy is still counted against the unmixed labels.
+    ``teacher(race targets, dataset indices)`` (distill.TeacherTargets): soft race targets to train on (then mixed
+    by ``mix``, if given)."""
     model.train()
     quiet = not sys.stderr.isatty()  # tqdm hides itself then; a log line every LOG_EVERY batches instead
     started, seen_before, total = time.time(), progress.seen, progress.batches + len(loader)
@@ -122,9 +124,9 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         if batch["images"] is not None:
             images = batch["images"].to(device, non_blocking=True, memory_format=memory_format)
             targets = batch["targets"].to(device, non_blocking=True)
-            soft_race = None
+            soft_race = teacher(targets[:, 0], batch["indices"]) if teacher is not None else None
             if mix is not None:
-                images, soft_race = mix(images, targets[:, 0], batch=progress.batches)
+                images, soft_race = mix(images, targets[:, 0], soft_race, batch=progress.batches)
             with _gradient_sync(model, ends_group):
                 with autocast(device, amp_dtype):
                     logits = model(images)

@@ -220,6 +220,9 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
                        or "none (random initialisation)"),
         "seed": train_args.get("seed"),
         "model_ema_decay": train_args.get("model_ema_decay"),
+        "distillation": {"weight": train_args.get("distill_weight"), "file": train_args["soft_labels"],
+                         "teachers": train_args.get("soft_label_teachers") or "n/a"}
+        if train_args.get("soft_labels") else None,
         "best_metric": train_args.get("best_metric"),
         "post_training": _post_training_changes(ckpt),
         "evaluation": evaluation,

@@ -26,8 +26,16 @@ class BatchMixer:
     def batch_seed(self, epoch: int, batch: int) -> int:
         return int(np.random.SeedSequence([self.seed % 2**32, self.rank, epoch, batch]).generate_state(1)[0])
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, batch: int):
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None = None, *,
+                 epoch: int, batch: int):
+        """``soft`` (N, classes): target distributions to mix (a teacher's, distill.TeacherTargets) instead of
+        the label-smoothed labels ``targets``."""
+        if soft is None:
+            soft = mixup_target(targets, self.num_classes, 1.0, self.label_smoothing)
         if len(images) % 2:  # timm mixes each image with its mirror in the batch order: an odd batch stays whole
-            return images, mixup_target(targets, self.num_classes, 1.0, self.label_smoothing)
+            return images, soft
         with seeded(self.batch_seed(epoch, batch)):
-            return self.mixup(images, targets)
+            # What Mixup.__call__ does in batch mode (mixes the images in place, returns the weight), so that
+            # any target distribution can be mixed by the same weight; for labels it equals mixup_target.
+            lam = self.mixup._mix_batch(images)
+        return images, soft * lam + soft.flip(0) * (1.0 - lam)

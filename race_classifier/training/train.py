@@ -44,6 +44,7 @@ from race_classifier.models.factory import create_model, freeze_until
 from race_classifier.training import TrainingError, config
 from race_classifier.training.accel import compile_model, is_compile_error, resolve_amp, resolve_device
 from race_classifier.training.distributed import World, init_from_env, teardown
+from race_classifier.training.distill import SoftLabelError, SoftLabels, TeacherTargets
 from race_classifier.training.engine import EpochProgress, MultiHeadLoss, evaluate, train_one_epoch
 from race_classifier.training.mixing import BatchMixer
 from race_classifier.training.report import append_csv_row, epoch_row, format_epoch, rewrite_csv
@@ -122,13 +123,26 @@ class Trainer:
         if args.balance == "loss":
             counts = torch.bincount(labels[labels >= 0], minlength=self.taxonomy.num_classes).float()
             class_weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
-        self.mixer = None
+        self.mixer = self.teacher = None
+        self.distillation: dict[str, str] = {}
         if args.mixup or args.cutmix:
             if self.heads.extra or args.balance == "loss":
                 raise TrainingError("--mixup/--cutmix mix race labels only: not with gender/age heads (--heads) "
                                     "or class-weighted loss (--balance loss)")
             self.mixer = BatchMixer(args.mixup, args.cutmix, args.mix_prob, self.taxonomy.num_classes,
                                     args.label_smoothing, args.seed, world.rank)
+        if args.soft_labels:
+            if self.heads.extra or args.balance == "loss":
+                raise TrainingError("--soft_labels distil the race head only: not with gender/age heads (--heads) "
+                                    "or class-weighted loss (--balance loss)")
+            try:
+                soft = SoftLabels.load(args.soft_labels)
+                self.teacher = TeacherTargets(soft, self.samples.train, self.classes, args.distill_weight,
+                                              args.label_smoothing, args.soft_labels)
+            except SoftLabelError as e:
+                raise TrainingError(str(e)) from None
+            # Recorded with the run: the model card names the teachers, a resume checks it has the same file.
+            self.distillation = {"soft_labels_sha256": soft.sha256, "soft_label_teachers": "; ".join(soft.teachers)}
         self.criterion = MultiHeadLoss(list(self.heads.slices().values()), class_weights,
                                        args.label_smoothing).to(self.device)
         self.start_epoch, self.global_step, self.history = 0, 0, []
@@ -140,7 +154,7 @@ class Trainer:
         train_args = {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, type(None)))}
         if self.initialised_from is not None:
             train_args["initialised_from"] = self.initialised_from
-        return train_args
+        return train_args | self.distillation
 
     def _check_same_model(self, ckpt: dict, path: Path) -> None:
         """A checkpoint this run continues from must have this run's architecture, classes and heads."""
@@ -246,6 +260,12 @@ class Trainer:
                                 f"with the same (this run has {self.args.model_ema_decay})")
         if self.ema is not None:
             self.ema.module.load_state_dict(r["model_ema"])
+        saved_soft = (ckpt.get("train_args") or {}).get("soft_labels_sha256")
+        if saved_soft != self.distillation.get("soft_labels_sha256"):
+            raise TrainingError(f"{self.last_path} was trained with "
+                                f"{'soft labels of sha256 ' + saved_soft if saved_soft else 'no --soft_labels'}; "
+                                f"resume it with the same (this run has "
+                                f"{self.args.soft_labels + ', another file' if self.args.soft_labels else 'none'})")
         set_rng_state(r["rng"])
         self.start_epoch, self.global_step, self.history = r["epoch"], r["global_step"], list(ckpt["history"])
         self.skipped = dict(r["skipped"])
@@ -273,7 +293,7 @@ class Trainer:
                 self.scaler, self.device, self.amp_dtype, self.progress, self.global_step,
                 desc=f"epoch {epoch + 1}/{self.args.num_epochs}", on_step=on_step, show=self.world.main,
                 memory_format=self.memory_format, accum_steps=self.args.accum_steps,
-                mix=functools.partial(self.mixer, epoch=epoch) if self.mixer else None)
+                mix=functools.partial(self.mixer, epoch=epoch) if self.mixer else None, teacher=self.teacher)
         except Exception as e:
             if self.args.compile and is_compile_error(e):
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
