@@ -141,4 +141,4 @@ def test_training_on_soft_labels_that_are_the_labels_is_training_on_the_labels(m
 def test_soft_labels_are_refused_with_other_heads(multitask_manifests, tmp_path, caplog):
     assert train_main(train_args(multitask_manifests, tmp_path / "heads", "--num_epochs", "1", "--heads",
                                  "race,gender", "--soft_labels", str(tmp_path / "any.npz"))) == 2
-    assert "--soft_labels distil the race head only" in caplog.text
+    assert "--soft_labels distil race labels only" in caplog.text

@@ -63,6 +63,8 @@ def test_merged_model_answers_with_the_summed_calibrated_probabilities(trained_c
     card = (out / "MODEL_CARD.md").read_text()
     assert f"the race probabilities of `{source}`" in card and "stripes + checks -> lines" in card
     assert "lines" in card and "Asian" not in card
+    trained_at = load_checkpoint(source)["saved_at"]  # the network's training, not the merge, dates the card
+    assert f"- Training date: {trained_at} (when training saved these weights); card written " in card
 
     # Its ONNX export answers in the merged classes too, as the checkpoint does (export verifies parity).
     onnx_path = tmp_path / "merged.onnx"

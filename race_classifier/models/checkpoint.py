@@ -2,7 +2,8 @@
 
 Keys (all plain Python types and tensors, so ``torch.load(..., weights_only=True)`` reads it):
   format, format_version, arch, num_classes, state_dict, taxonomy, preprocessing,
-  train_args, epoch, metrics, history, and for resuming (``last.pt``) a ``resume`` dict;
+  train_args, epoch, metrics, history, saved_at (when training wrote these weights, UTC; kept by the
+  post-training changes), and for resuming (``last.pt``) a ``resume`` dict;
   ``heads`` (race.heads.HeadLayout.to_dict) when the model has gender/age heads besides race: the model's
   output is then every head's logits side by side, race first (files without it are race-only).
 best.pt also gets, once training ends (or from ``race-classifier calibrate``), ``calibration``:
@@ -17,6 +18,7 @@ trained network's, ``taxonomy`` and ``heads`` describe what the loaded model ans
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -51,6 +53,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, arch: str, taxonomy: 
         "epoch": epoch,
         "metrics": metrics,
         "history": history,
+        "saved_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if heads is not None and heads.extra:
         state["heads"] = heads.to_dict()

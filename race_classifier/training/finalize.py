@@ -212,6 +212,7 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
         "preprocessing": ckpt.get("preprocessing") or {},
         "version": __version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "trained_at": ckpt.get("saved_at") or "not recorded in the checkpoint",
         "checkpoint": str(checkpoint) if checkpoint else "n/a",
         "best_epoch": ckpt.get("epoch"),
         "epochs_run": "n/a" if epochs_run is None else epochs_run,

@@ -123,30 +123,33 @@ class Trainer:
         if args.balance == "loss":
             counts = torch.bincount(labels[labels >= 0], minlength=self.taxonomy.num_classes).float()
             class_weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
-        self.mixer = self.teacher = None
-        self.distillation: dict[str, str] = {}
-        if args.mixup or args.cutmix:
-            if self.heads.extra or args.balance == "loss":
-                raise TrainingError("--mixup/--cutmix mix race labels only: not with gender/age heads (--heads) "
-                                    "or class-weighted loss (--balance loss)")
-            self.mixer = BatchMixer(args.mixup, args.cutmix, args.mix_prob, self.taxonomy.num_classes,
-                                    args.label_smoothing, args.seed, world.rank)
-        if args.soft_labels:
-            if self.heads.extra or args.balance == "loss":
-                raise TrainingError("--soft_labels distil the race head only: not with gender/age heads (--heads) "
-                                    "or class-weighted loss (--balance loss)")
-            try:
-                soft = SoftLabels.load(args.soft_labels)
-                self.teacher = TeacherTargets(soft, self.samples.train, self.classes, args.distill_weight,
-                                              args.label_smoothing, args.soft_labels)
-            except SoftLabelError as e:
-                raise TrainingError(str(e)) from None
-            # Recorded with the run: the model card names the teachers, a resume checks it has the same file.
-            self.distillation = {"soft_labels_sha256": soft.sha256, "soft_label_teachers": "; ".join(soft.teachers)}
+        self.mixer, self.teacher, self.distillation = self._soft_race_targets(args, world.rank)
         self.criterion = MultiHeadLoss(list(self.heads.slices().values()), class_weights,
                                        args.label_smoothing).to(self.device)
         self.start_epoch, self.global_step, self.history = 0, 0, []
         self.progress, self.elapsed = EpochProgress.empty(len(self.heads.heads)), 0.0
+
+    def _soft_race_targets(self, args, rank: int) -> tuple[BatchMixer | None, TeacherTargets | None, dict[str, str]]:
+        """Mixup/CutMix and distillation: both replace the race labels by target distributions, so both are
+        race-only. The distillation's record (sha256 of the soft labels, their teachers) goes with the run:
+        the model card names the teachers, a resume checks it has the same file."""
+        if (args.mixup or args.cutmix or args.soft_labels) and (self.heads.extra or args.balance == "loss"):
+            used = "--mixup/--cutmix mix" if args.mixup or args.cutmix else "--soft_labels distil"
+            raise TrainingError(f"{used} race labels only: not with gender/age heads (--heads) "
+                                "or class-weighted loss (--balance loss)")
+        mixer = teacher = None
+        if args.mixup or args.cutmix:
+            mixer = BatchMixer(args.mixup, args.cutmix, args.mix_prob, self.taxonomy.num_classes,
+                               args.label_smoothing, args.seed, rank)
+        if not args.soft_labels:
+            return mixer, None, {}
+        try:
+            soft = SoftLabels.load(args.soft_labels)
+            teacher = TeacherTargets(soft, self.samples.train, self.classes, args.distill_weight,
+                                     args.label_smoothing, args.soft_labels)
+        except SoftLabelError as e:
+            raise TrainingError(str(e)) from None
+        return mixer, teacher, {"soft_labels_sha256": soft.sha256, "soft_label_teachers": "; ".join(soft.teachers)}
 
     # -- checkpoints -------------------------------------------------------------------------------
 
