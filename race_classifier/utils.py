@@ -1,9 +1,12 @@
-"""Small helpers shared across the package: atomic file writes and logging set-up."""
+"""Small helpers shared across the package: atomic file writes and progress reporting."""
 from __future__ import annotations
 
 import io
+import logging
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -40,3 +43,24 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def progress_bar(iterable, desc: str, unit: str = "batch", every_s: float = 60.0):
+    """tqdm on a terminal. Off one (nohup, a CI log) tqdm hides itself and a long pass (an hour of soft labels)
+    would be silent: log "desc: i/total unit, rate" about every ``every_s`` seconds instead, and once at the end."""
+    from tqdm import tqdm
+    if sys.stderr.isatty():
+        yield from tqdm(iterable, desc=desc, unit=unit)
+        return
+    log = logging.getLogger("race_classifier.progress")
+    total = len(iterable) if hasattr(iterable, "__len__") else None
+    started = last = time.monotonic()
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every_s or done == total:
+            of = f"/{total}" if total is not None else ""
+            log.info("%s: %d%s %s, %.2f %s/s", desc, done, of, unit, done / max(now - started, 1e-9), unit)
+            last = now

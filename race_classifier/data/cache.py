@@ -29,11 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from race_classifier.data.image_io import ImageLoadError, load_rgb
 from race_classifier.data.manifest import Sample
-from race_classifier.utils import atomic_write_text
+from race_classifier.utils import atomic_write_text, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +218,7 @@ class ImageCache:
         loader = DataLoader(_Decode(paths, size), batch_size=64, num_workers=workers, collate_fn=_as_list,
                             generator=torch.Generator())
         try:
-            for batch in tqdm(loader, desc=f"storing {len(paths)} images at {size}px", unit="batch", disable=None):
+            for batch in progress_bar(loader, f"storing {len(paths)} images at {size}px"):
                 for i, pixels, error in batch:
                     if error:
                         errors[i] = error

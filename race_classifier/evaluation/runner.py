@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
 from race_classifier.data.manifest import Sample, read_manifest
@@ -26,7 +25,7 @@ from race_classifier.data.transforms import build_transform
 from race_classifier.heads import AgeBins, Head, HeadLayout, class_map, targets_tensor
 from race_classifier.labels import LabelMapping, Taxonomy, get_mapping
 from race_classifier.models.loaders import Predictor
-from race_classifier.utils import atomic_write_text
+from race_classifier.utils import atomic_write_text, progress_bar
 
 
 def load_eval_samples(taxonomy: Taxonomy, *, root_dir: str | None = None, val_txt: str | None = None,
@@ -135,7 +134,7 @@ def predict_samples(predictor: Predictor, samples: list[Sample], taxonomy: Taxon
     probs = np.full((len(samples), taxonomy.num_classes), np.nan)
     head_probs = {name: np.full((len(samples), m.shape[1]), np.nan) for name, m in head_maps.items()}
     errors: dict[int, str] = {}
-    for batch in tqdm(loader, desc=desc, disable=None, unit="batch"):
+    for batch in progress_bar(loader, desc):
         errors.update(batch["failures"])
         if batch["images"] is None:
             continue
@@ -158,7 +157,7 @@ def predict_logits(predictor: Predictor, samples: list[Sample], batch_size: int 
     width = predictor.heads.num_outputs if all_heads else predictor.taxonomy.num_classes
     logits = np.full((len(samples), width), np.nan)
     errors: dict[int, str] = {}
-    for batch in tqdm(loader, desc=desc, disable=None, unit="batch"):
+    for batch in progress_bar(loader, desc):
         errors.update(batch["failures"])
         if batch["images"] is not None:
             run = predictor.all_logits if all_heads else predictor.logits

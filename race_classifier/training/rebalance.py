@@ -68,7 +68,7 @@ def extract_features(model, samples, preprocessing, batch_size: int = 128, worke
     Unreadable images are reported by the dataset and get a False mask entry."""
     import torch
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
+    from race_classifier.utils import progress_bar
 
     from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
     from race_classifier.data.transforms import build_transform
@@ -83,7 +83,7 @@ def extract_features(model, samples, preprocessing, batch_size: int = 128, worke
     model.eval()
     try:
         with torch.no_grad():
-            for batch in tqdm(loader, desc=desc, disable=None, unit="batch"):
+            for batch in progress_bar(loader, desc):
                 for index, reason in batch["failures"]:
                     log.warning("skipping unreadable image %s: %s", samples[index].path, reason)
                 if batch["images"] is None:
