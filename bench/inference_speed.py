@@ -31,6 +31,7 @@ from race_classifier.export.onnx import export_checkpoint, preprocessed_batches
 from race_classifier.labels import get_taxonomy
 from race_classifier.models.checkpoint import load_model, save_checkpoint
 from race_classifier.models.factory import create_model
+from race_classifier.models.loaders import load_predictor
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FAIRFACE = SHARED / "data" / "fairface" / "train"
@@ -125,7 +126,9 @@ def main(argv=None) -> int:
         loaded = load_model(ckpt)
         eager = loaded.model.eval()
         images = next(preprocessed_batches(samples[:args.batch_size], loaded.preprocessing, args.batch_size))[0]
+        bf16 = load_predictor(ckpt, amp="bf16").run  # predict/evaluate --amp bf16: autocast, channels_last
         runners = {"PyTorch eager": eager_runner(eager),
+                   "PyTorch bf16 autocast": bf16,
                    "ONNX Runtime fp32": ort_session(tmp / "fp32.onnx", args.threads),
                    "ONNX Runtime int8": ort_session(tmp / "int8.onnx", args.threads)}
         singles = [images[i:i + 1].contiguous() for i in range(len(images))]
@@ -141,7 +144,10 @@ def main(argv=None) -> int:
     ratios = {"ort_fp32_vs_eager_batch1": torch_row["batch1_median_ms"] / fp32["batch1_median_ms"],
               "int8_vs_fp32_batch1": fp32["batch1_median_ms"] / int8["batch1_median_ms"],
               "ort_fp32_vs_eager_batch": fp32[f"batch{len(images)}_images_per_s"] / torch_row[f"batch{len(images)}_images_per_s"],
-              "int8_vs_fp32_batch": int8[f"batch{len(images)}_images_per_s"] / fp32[f"batch{len(images)}_images_per_s"]}
+              "int8_vs_fp32_batch": int8[f"batch{len(images)}_images_per_s"] / fp32[f"batch{len(images)}_images_per_s"],
+              "bf16_vs_eager_batch1": torch_row["batch1_median_ms"] / rows["PyTorch bf16 autocast"]["batch1_median_ms"],
+              "bf16_vs_eager_batch": (rows["PyTorch bf16 autocast"][f"batch{len(images)}_images_per_s"]
+                                      / torch_row[f"batch{len(images)}_images_per_s"])}
 
     print(f"model: {model_desc}\nimages: {images_desc}; {args.threads} thread(s); torch {torch.__version__}; "
           f"load average {load_before:.2f} before, {load_after:.2f} after (2+ means another job shared the CPUs)")
@@ -157,6 +163,8 @@ def main(argv=None) -> int:
           f"{ratios['ort_fp32_vs_eager_batch']:.2f}x at batch {len(images)}")
     print(f"int8 / fp32:               {ratios['int8_vs_fp32_batch1']:.2f}x at batch 1 (target >= 2x), "
           f"{ratios['int8_vs_fp32_batch']:.2f}x at batch {len(images)}")
+    print(f"PyTorch bf16 / eager:      {ratios['bf16_vs_eager_batch1']:.2f}x at batch 1, "
+          f"{ratios['bf16_vs_eager_batch']:.2f}x at batch {len(images)} (CPUs without bf16 units: slower)")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "model": model_desc, "images": images_desc, "threads": args.threads, "runs": args.runs,

@@ -20,7 +20,7 @@ from race_classifier.evaluation.runner import (load_eval_samples, predict_sample
 from race_classifier.heads import canonical_gender
 from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
 from race_classifier.models.loaders import load_predictor
-from race_classifier.utils import atomic_write_text
+from race_classifier.utils import add_amp_argument, atomic_write_text
 
 log = logging.getLogger("race_classifier.evaluate")
 
@@ -59,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser, baseline_required: bool = False) -
                    "model answers with its stored abstention threshold (calibrated checkpoints and their exports)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    add_amp_argument(p)
     return p
 
 
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--baseline_tta needs --baseline_path (a model file to run)")
     device = _device(args.device)
     model = load_predictor(args.model_path, labels=args.labels, image_size=args.image_size,
-                           mean=args.mean, std=args.std, device=device, tta=args.tta)
+                           mean=args.mean, std=args.std, device=device, tta=args.tta, amp=args.amp)
     taxonomy = get_taxonomy(args.taxonomy) if args.taxonomy else model.taxonomy
     mapping = None
     if args.source_taxonomy or args.label_map:
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         if args.baseline_path:
             baseline = load_predictor(args.baseline_path, labels=args.baseline_labels,
                                       image_size=args.baseline_image_size, mean=args.baseline_mean,
-                                      std=args.baseline_std, device=device, tta=args.baseline_tta)
+                                      std=args.baseline_std, device=device, tta=args.baseline_tta, amp=args.amp)
             base_table = predict_samples(baseline, samples, taxonomy, args.batch_size, args.workers,
                                          desc=baseline.name, heads=heads, source=source)
             base_info, base_name = baseline.info, baseline.name

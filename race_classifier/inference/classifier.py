@@ -147,14 +147,16 @@ class Classifier:
 
     @classmethod
     def load(cls, path: str | Path, *, labels=None, image_size: int | None = None, mean=None, std=None,
-             device: str = "cpu", abstain: bool = False, tta: bool = False, **options) -> "Classifier":
+             device: str = "cpu", abstain: bool = False, tta: bool = False, amp: str = "off",
+             **options) -> "Classifier":
         """A classifier for any model file ``load_predictor`` reads; ``options`` as for ``Classifier``.
 
         ``abstain``: faces below the model's stored abstention threshold (fitted on validation data) are
         labelled ``uncertain``; an explicit ``min_confidence`` wins over it. ``tta``: each face's
-        probabilities are the mean of its crop's and the mirrored crop's (two model passes)."""
+        probabilities are the mean of its crop's and the mirrored crop's (two model passes). ``amp``: as for
+        ``load_predictor``."""
         predictor = load_predictor(path, labels=labels, image_size=image_size, mean=mean, std=std, device=device,
-                                   tta=tta)
+                                   tta=tta, amp=amp)
         if abstain and options.get("min_confidence") is None:
             if predictor.abstention_threshold is None:
                 raise ValueError(f"{path} has no stored abstention threshold: calibrate it with "

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from race_classifier.utils import add_amp_argument
+
 if TYPE_CHECKING:  # the parser is built for every subcommand: torch and ONNX Runtime load only when used
     from race_classifier.heads import Head
     from race_classifier.inference.classifier import Classifier, ImagePrediction
@@ -58,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--mean", type=float, nargs=3)
     g.add_argument("--std", type=float, nargs=3)
     p.add_argument("--device", default="cpu")
+    add_amp_argument(p)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for the classifier (default 1: on a shared 2-core machine a second thread "
                         "made it ~5x slower, 306 vs 54 ms a photo; raise it on a dedicated machine)")
@@ -182,7 +185,7 @@ def build_classifier(args) -> "Classifier":
     from race_classifier.inference.classifier import Classifier
     return Classifier.load(args.model, labels=args.labels, image_size=args.image_size, mean=args.mean,
                            std=args.std, device=args.device, detect=not args.no_detect, min_face=args.min_face,
-                           min_confidence=args.min_confidence, abstain=args.abstain, tta=args.tta,
+                           min_confidence=args.min_confidence, abstain=args.abstain, tta=args.tta, amp=args.amp,
                            batch_size=args.batch_size,
                            detect_size=args.detect_size, detect_threshold=args.detect_threshold)
 

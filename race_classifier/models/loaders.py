@@ -122,10 +122,28 @@ def describe_heads(heads: HeadLayout) -> str:
     return ", ".join(f"{h.name} ({', '.join(classes(h))})" for h in heads.heads)
 
 
-def _torch_runner(model: torch.nn.Module, device: torch.device):
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp not in AMP_DTYPES:
+        raise ModelLoadError(f"unknown precision {amp!r}: one of {', '.join(AMP_DTYPES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ModelLoadError("--amp fp16 needs a CUDA device; on a CPU use bf16")
+    return AMP_DTYPES[amp]
+
+
+def _torch_runner(model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None):
+    """``amp_dtype``: autocast and channels_last, as training runs (about 2x faster on CPUs with bf16 units and
+    on GPUs); probabilities then differ from fp32 by a few thousandths."""
+    memory_format = torch.channels_last if amp_dtype is not None else torch.contiguous_format
+    if amp_dtype is not None:
+        model.to(memory_format=memory_format)
+
     @torch.no_grad()
     def run(images: torch.Tensor) -> torch.Tensor:
-        return model(images.to(device))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return model(images.to(device, memory_format=memory_format)).float()
     return run
 
 
@@ -149,15 +167,25 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def load_predictor(path: str | Path, *, labels=None, image_size: int | None = None, mean=None, std=None,
-                   device: str | torch.device = "cpu", tta: bool = False) -> Predictor:
+                   device: str | torch.device = "cpu", tta: bool = False, amp: str = "off") -> Predictor:
     """Load any supported model file. ``labels``/``image_size``/``mean``/``std`` describe files that
     carry no metadata (TorchScript, ONNX); a race-classifier checkpoint ignores them. ``tta``: average
-    each image's probabilities with its mirror's (``Predictor.tta``)."""
-    predictor = _load_any(Path(path), labels, image_size, mean, std, torch.device(device))
+    each image's probabilities with its mirror's (``Predictor.tta``). ``amp`` (bf16, fp16 on CUDA): run a
+    PyTorch model under autocast; an ONNX file runs as it was exported (see ``export --quantize``)."""
+    device = torch.device(device)
+    amp_dtype = _amp_dtype(amp, device)
+    path = Path(path)
+    if amp_dtype is not None and path.suffix.lower() == ".onnx":
+        log.warning("%s: --amp %s applies to PyTorch models; an ONNX file runs as exported", path, amp)
+        amp_dtype = None
+    predictor = _load_any(path, labels, image_size, mean, std, device, amp_dtype)
+    if amp_dtype is not None:
+        predictor.info["precision"] = f"{amp} autocast"
     return predictor.set_tta(True) if tta else predictor
 
 
-def _load_any(path: Path, labels, image_size, mean, std, device: torch.device) -> Predictor:
+def _load_any(path: Path, labels, image_size, mean, std, device: torch.device,
+              amp_dtype: torch.dtype | None) -> Predictor:
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     if path.suffix.lower() == ".onnx":
@@ -166,22 +194,22 @@ def _load_any(path: Path, labels, image_size, mean, std, device: torch.device) -
         taxonomy = _needs_labels(path, labels, "TorchScript")
         model = torch.jit.load(str(path), map_location=device).eval()
         return Predictor(path.name, "torchscript", taxonomy, _external_preprocessing(image_size, mean, std),
-                         _torch_runner(model, device), {"path": str(path), "kind": "TorchScript"})
+                         _torch_runner(model, device, amp_dtype), {"path": str(path), "kind": "TorchScript"})
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure: not a file we can load safely
         raise ModelLoadError(f"{path}: not a model file that can be loaded safely "
                              f"(a race-classifier checkpoint, FairFace state dict, TorchScript or ONNX): {e}") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return _from_checkpoint(path, device)
+        return _from_checkpoint(path, device, amp_dtype)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if isinstance(state, dict) and getattr(state.get("fc.weight"), "shape", (0,))[0] == FAIRFACE_OUTPUTS:
-        return _load_fairface(path, state, device)
+        return _load_fairface(path, state, device, amp_dtype)
     raise ModelLoadError(f"{path}: not a race-classifier checkpoint, a FairFace ResNet-34 state dict "
                          "(fc with 18 outputs), TorchScript or ONNX")
 
 
-def _from_checkpoint(path: Path, device: torch.device) -> Predictor:
+def _from_checkpoint(path: Path, device: torch.device, amp_dtype: torch.dtype | None = None) -> Predictor:
     loaded = load_model(path, device)
     ckpt = loaded.checkpoint
     info = {"path": str(path), "kind": "race-classifier checkpoint", "arch": ckpt["arch"],
@@ -199,11 +227,12 @@ def _from_checkpoint(path: Path, device: torch.device) -> Predictor:
     if calibration:
         info["calibration"] = calibration
     return Predictor(path.name, "checkpoint", loaded.taxonomy, loaded.preprocessing,
-                     _torch_runner(loaded.model, device), info, calibration=calibration or None,
+                     _torch_runner(loaded.model, device, amp_dtype), info, calibration=calibration or None,
                      heads=loaded.heads)
 
 
-def _load_fairface(path: Path, state: dict, device: torch.device) -> Predictor:
+def _load_fairface(path: Path, state: dict, device: torch.device,
+                   amp_dtype: torch.dtype | None = None) -> Predictor:
     """FairFace's release model: all 18 logits, as three heads. Its age head has no bins: its classes are
     FairFace's 9 ranges, which ``heads.class_map`` sums into another model's age groups."""
     model = torchvision.models.resnet34(num_classes=FAIRFACE_OUTPUTS)
@@ -219,7 +248,7 @@ def _load_fairface(path: Path, state: dict, device: torch.device) -> Predictor:
             "taxonomy": taxonomy.name, "classes": ", ".join(taxonomy.classes),
             "heads": describe_heads(heads)}
     return Predictor(path.name, "fairface", taxonomy, Preprocessing(image_size=224, crop={"aligned": True, "margin": 0.25}),
-                     _torch_runner(model, device), info, heads=heads)
+                     _torch_runner(model, device, amp_dtype), info, heads=heads)
 
 
 def _load_onnx(path: Path, labels, image_size, mean, std) -> Predictor:

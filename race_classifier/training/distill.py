@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from race_classifier.data.manifest import Sample
+from race_classifier.utils import add_amp_argument
 
 log = logging.getLogger("race_classifier.distill")
 KEYS = ("paths", "probs", "classes", "teachers")
@@ -121,6 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    add_amp_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from race_classifier.labels import get_mapping, get_taxonomy
     from race_classifier.models.loaders import load_predictor
 
-    teachers = [load_predictor(p, device=args.device, tta=args.tta) for p in args.model_path]
+    teachers = [load_predictor(p, device=args.device, tta=args.tta, amp=args.amp) for p in args.model_path]
     taxonomy = get_taxonomy(args.taxonomy) if args.taxonomy else teachers[0].taxonomy
     mapping = get_mapping(get_taxonomy(args.source_taxonomy), taxonomy) if args.source_taxonomy else None
     samples = read_manifest(args.train_txt, taxonomy, mapping, check_files=False)
