@@ -27,7 +27,7 @@ def test_bf16_autocast_is_close_to_fp32_and_recorded(trained_checkpoints, images
     p32, p16 = fp32.predict_proba(images), bf16.predict_proba(images)
     assert p16.dtype == p32.dtype and np.allclose(p16.sum(axis=1), 1, atol=1e-5)
     difference = np.abs(p32 - p16).max()
-    assert 0 < difference < 0.05  # autocast ran (bf16 keeps 8 bits of mantissa), and stays close
+    assert 0 < difference < 0.1  # autocast ran (bf16 keeps 8 bits of mantissa), and stays close
     assert (p32.argmax(1) == p16.argmax(1)).mean() >= 0.9
     assert bf16.info["precision"] == "bf16 autocast" and "precision" not in fp32.info
 
