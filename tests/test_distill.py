@@ -2,6 +2,7 @@
 it gives training, and a run that learns from it."""
 from __future__ import annotations
 
+import hashlib
 import numpy as np
 import pytest
 import torch
@@ -54,6 +55,21 @@ def test_an_unreadable_image_gets_no_soft_label_and_is_named(manifests, trained_
     soft = soft_labels_of(tmp_path, tmp_path / "soft.npz", trained_checkpoints[0])
     assert np.isnan(soft.probs[-1]).all() and not np.isnan(soft.probs[:-1]).any()
     assert f"train.txt:{len(lines) + 1}: {broken} unreadable" in caplog.text
+
+
+def test_a_teacher_changed_since_its_soft_labels_were_written_is_named_when_training(
+        manifests, trained_checkpoints, tmp_path, caplog, one_thread):
+    teacher = tmp_path / "teacher" / "best.pt"
+    teacher.parent.mkdir()
+    teacher.write_bytes(trained_checkpoints[0].read_bytes())
+    soft = soft_labels_of(manifests, tmp_path / "soft.npz", teacher)
+    assert soft.teacher_sha256 == [hashlib.sha256(teacher.read_bytes()).hexdigest()]
+    assert soft.changed_teachers() == []
+    teacher.write_bytes(trained_checkpoints[1].read_bytes())  # retrained into the same directory
+    assert SoftLabels.load(tmp_path / "soft.npz").changed_teachers() == [str(teacher)]
+    assert train_main(train_args(manifests, tmp_path / "run", "--num_epochs", "1", "--soft_labels",
+                                 str(tmp_path / "soft.npz"))) == 0
+    assert f"teacher {teacher} has changed since these soft labels were written" in caplog.text
 
 
 def sample(path, label, line=1):

@@ -9,7 +9,8 @@ at temperature 1: the teachers' probabilities are already calibrated).
 Offline because the teachers then cost one pass over the images, not a forward pass per training step (on
 2 CPU cores that would make every epoch ~60% longer). The price: a teacher saw each face whole (and, with
 --tta, mirrored), the student sees augmented crops of it. The file is keyed by image path, so it serves any
-manifest listing those images, and it names its teachers and classes.
+manifest listing those images, and it names its teachers (path and sha256) and classes: training warns
+when a teacher file has changed since, as the soft labels are then stale.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import hashlib
 import io
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from race_classifier.data.manifest import Sample
 from race_classifier.utils import add_amp_argument
 
 log = logging.getLogger("race_classifier.distill")
-KEYS = ("paths", "probs", "classes", "teachers")
+KEYS = ("paths", "probs", "classes", "teachers")  # required; "teacher_sha256" is optional (older files lack it)
 
 
 class SoftLabelError(ValueError):
@@ -46,13 +47,15 @@ class SoftLabels:
     probs: np.ndarray  # (N, classes) float32; NaN rows: an image no teacher could read
     classes: list[str]
     teachers: list[str]
-    sha256: str = ""
+    sha256: str = ""  # of the .npz file itself
+    teacher_sha256: list[str] = field(default_factory=list)  # of each teacher file when the labels were written
 
     def save(self, path: str | Path) -> None:
         from race_classifier.utils import atomic_write_bytes
         buffer = io.BytesIO()
         np.savez_compressed(buffer, paths=np.array(self.paths, dtype=str), probs=self.probs.astype(np.float32),
-                            classes=np.array(self.classes, dtype=str), teachers=np.array(self.teachers, dtype=str))
+                            classes=np.array(self.classes, dtype=str), teachers=np.array(self.teachers, dtype=str),
+                            teacher_sha256=np.array(self.teacher_sha256, dtype=str))
         atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
@@ -64,6 +67,7 @@ class SoftLabels:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:  # no pickles: a file may come from anyone
                 arrays = {k: npz[k] for k in KEYS}
+                hashes = npz["teacher_sha256"].tolist() if "teacher_sha256" in npz.files else []
         except Exception as e:  # noqa: BLE001 - anything unreadable is one message naming the file
             raise SoftLabelError(f"{path}: not a soft-label file written by `race-classifier soft-labels` "
                                  f"(arrays {', '.join(KEYS)}): {e}") from None
@@ -73,7 +77,21 @@ class SoftLabels:
                 or not np.allclose(probs[readable].sum(axis=1), 1.0, atol=1e-3)):
             raise SoftLabelError(f"{path}: probs must be one probability row per path over {len(classes)} classes "
                                  f"(got shape {probs.shape} for {len(paths)} paths)")
-        return cls(paths, probs, classes, arrays["teachers"].tolist(), hashlib.sha256(data).hexdigest())
+        return cls(paths, probs, classes, arrays["teachers"].tolist(), hashlib.sha256(data).hexdigest(), hashes)
+
+    def changed_teachers(self) -> list[str]:
+        """Teacher files that still exist at their recorded path but no longer hold the bytes the soft labels
+        came from (a teacher retrained into the same directory): these soft labels are then stale."""
+        return [t for t, h in zip(self.teachers, self.teacher_sha256)
+                if h and Path(t).is_file() and file_sha256(t) != h]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class TeacherTargets:
@@ -146,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%s:%d: %s unreadable (trains on its label alone): %s", args.train_txt, samples[i].line,
                     samples[i].path, next(t["error"].iat[i] for t in tables if t["error"].iat[i]))
     SoftLabels([s.path for s in samples], probs.astype(np.float32), list(taxonomy.classes),
-               [str(p) for p in args.model_path]).save(args.out)
+               [str(p) for p in args.model_path],
+               teacher_sha256=[file_sha256(p) if Path(p).is_file() else "" for p in args.model_path]).save(args.out)
     labels = np.array([s.label for s in samples])
     agree = (probs[~unreadable].argmax(axis=1) == labels[~unreadable]).mean()
     print(f"Wrote soft labels of {len(samples) - unreadable.sum()} image(s) over {taxonomy.num_classes} classes "

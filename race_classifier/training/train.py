@@ -149,6 +149,9 @@ class Trainer:
                                      args.label_smoothing, args.soft_labels)
         except SoftLabelError as e:
             raise TrainingError(str(e)) from None
+        for changed in soft.changed_teachers():
+            log.warning("%s: teacher %s has changed since these soft labels were written from it: they may be "
+                        "stale (write them again with `race-classifier soft-labels`)", args.soft_labels, changed)
         return mixer, teacher, {"soft_labels_sha256": soft.sha256, "soft_label_teachers": "; ".join(soft.teachers)}
 
     # -- checkpoints -------------------------------------------------------------------------------
