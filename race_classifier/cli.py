@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     from race_classifier.export import cli as export
     from race_classifier.inference import cli as predict
     from race_classifier.serving import cli as serve
-    from race_classifier.training import config, distill, finalize, merge_classes, rebalance
+    from race_classifier.training import config, distill, ensemble, finalize, merge_classes, rebalance
 
     parser = argparse.ArgumentParser(prog="race-classifier", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
          "group-balanced weights (last-layer debiasing, minutes on a CPU)", rebalance, {}),
         ("merge-classes", "make a model answer in coarser classes than it was trained in (e.g. fairface7 -> seed5): "
          "its calibrated probabilities summed in the model itself, recalibrated, with a model card", merge_classes, {}),
+        ("ensemble", "make several trained runs one model file answering with their mean calibrated probabilities, "
+         "recalibrated, with a model card", ensemble, {}),
         ("soft-labels", "store teacher models' mean calibrated probabilities for each image of a training "
          "manifest, for knowledge distillation (train --soft_labels)", distill, {}),
         ("evaluate", "score a model on labelled images: CSV, metrics with CIs, HTML report", evaluation, {}),

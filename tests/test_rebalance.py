@@ -96,6 +96,19 @@ def test_recall_offsets_lift_the_weak_class_no_further_than_needed():
     assert class_recalls(logits + best, labels, 4).min() > before.min()
 
 
+def test_recall_offsets_reach_a_class_whose_logits_are_far_below():
+    """Log-probabilities (an ensemble's, a merged model's) can put a class tens of logits below the rest: the
+    fit jumps to the nearest wrong face instead of creeping there in steps of 0.05."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 600)
+    logits = 2.0 * np.eye(3)[labels] + rng.normal(size=(600, 3))
+    logits[:, 1] -= 40.0
+    assert class_recalls(logits, labels, 3)[1] == 0.0
+    offsets = fit_recall_offsets(logits, labels, min_recall=0.6)
+    assert class_recalls(logits + offsets, labels, 3).min() >= 0.6
+    assert 35.0 < offsets[1] < 41.0 and offsets[[0, 2]].max() < 1.0
+
+
 def test_rebalance_recall_cli_adds_the_fitted_offsets_to_the_biases_only(trained_checkpoints, manifests, tmp_path,
                                                                         capsys):
     source = trained_checkpoints[1]

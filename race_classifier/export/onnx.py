@@ -74,6 +74,9 @@ def build_metadata(checkpoint: dict, taxonomy: Taxonomy, preprocessing: Preproce
     source_info = {"checkpoint": source.name, "epoch": checkpoint.get("epoch"),
                    "dataset": (checkpoint.get("train_args") or {}).get("dataset"),
                    "metrics": checkpoint.get("metrics") or {}}
+    if checkpoint.get("ensemble"):  # the average is in the graph; say so beside the classes
+        from race_classifier.models.ensemble import describe_ensemble
+        source_info["ensemble"] = describe_ensemble(checkpoint["ensemble"])
     if checkpoint.get("merged_classes"):  # the merge is in the graph; say so beside the classes
         from race_classifier.training.merge_classes import merge_summary
         source_info["merged_classes"] = merge_summary(checkpoint["merged_classes"])

@@ -14,6 +14,8 @@ noise floor, evaluation.metrics.ece_if_calibrated) is absent from files calibrat
 ``merged_classes`` (written by ``race-classifier merge-classes``, models/merged.py): the network was trained in
 other, finer classes, whose calibrated probabilities are summed into ``taxonomy``'s; ``state_dict`` is the
 trained network's, ``taxonomy`` and ``heads`` describe what the loaded model answers in.
+``ensemble`` (written by ``race-classifier ensemble``, models/ensemble.py): the model is several trained
+race-only networks whose calibrated probabilities are averaged; ``state_dict`` holds them all.
 """
 from __future__ import annotations
 
@@ -98,7 +100,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise CheckpointError(f"{path}: malformed head layout ({e})") from None
     merge = ckpt.get("merged_classes")
     trained_outputs = heads.num_outputs + (len(merge["table"]) - taxonomy.num_classes if merge else 0)
-    model = create_model(ckpt["arch"], trained_outputs)
+    if ckpt.get("ensemble"):
+        from race_classifier.models.ensemble import build_ensemble
+        model = build_ensemble(ckpt["ensemble"], trained_outputs)
+    else:
+        model = create_model(ckpt["arch"], trained_outputs)
     model.load_state_dict(ckpt["state_dict"])
     if merge:
         from race_classifier.models.merged import MergedRaceClasses

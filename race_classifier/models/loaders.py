@@ -220,6 +220,9 @@ def _from_checkpoint(path: Path, device: torch.device, amp_dtype: torch.dtype | 
                                  if k in ("val_accuracy", "val_balanced_accuracy", "val_loss")}}
     if loaded.heads.extra:
         info["heads"] = describe_heads(loaded.heads)
+    if ckpt.get("ensemble"):
+        from race_classifier.models.ensemble import describe_ensemble
+        info["ensemble"] = describe_ensemble(ckpt["ensemble"])
     if ckpt.get("merged_classes"):
         from race_classifier.training.merge_classes import merge_summary
         info["merged_classes"] = merge_summary(ckpt["merged_classes"])

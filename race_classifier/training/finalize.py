@@ -280,7 +280,7 @@ def _card_heads(heads: HeadLayout | None, evaluation: dict, calibration: dict, v
     return out
 
 
-def _post_training_change(train_args: dict, on_merged: bool = False) -> str | None:
+def _post_training_change(train_args: dict, where: str = "race biases") -> str | None:
     """What ``race-classifier rebalance`` changed after training, for the card (None: nothing)."""
     from race_classifier.evaluation.formatting import fmt_pct
     from race_classifier.training.rebalance import describe_cross_fit, describe_offsets
@@ -293,7 +293,7 @@ def _post_training_change(train_args: dict, on_merged: bool = False) -> str | No
                 f"weights (last-layer rebalancing)")
     cross_fit = train_args.get("recall_offsets_cross_fit")
     return (f"per-class offsets ({describe_offsets(train_args.get('recall_offsets') or {})}) were added to the "
-            f"{'merged race logits' if on_merged else 'race biases'} of `{source}` so that every class's recall on "
+            f"{where} of `{source}` so that every class's recall on "
             f"the validation set below reaches {fmt_pct(train_args.get('min_recall'), 0)} where they can; fitted on "
             "it, so its figures are optimistic"
             + (f"; {describe_cross_fit(cross_fit)}" if cross_fit else ""))
@@ -301,11 +301,16 @@ def _post_training_change(train_args: dict, on_merged: bool = False) -> str | No
 
 def _post_training_changes(ckpt: dict) -> str | None:
     """Every change made after training, in the order made (None: none)."""
-    merge = ckpt.get("merged_classes")
+    merge, ensemble = ckpt.get("merged_classes"), ckpt.get("ensemble")
     on_merged = bool(merge and merge.get("offsets"))  # recall offsets fitted on the merged model
-    changes = [_post_training_change(ckpt.get("train_args") or {}, on_merged), _merged_classes_change(merge)]
+    where = "merged race logits" if on_merged else "averaged race logits" if ensemble else "race biases"
+    changes = [_post_training_change(ckpt.get("train_args") or {}, where), _merged_classes_change(merge)]
     if on_merged:
         changes.reverse()
+    if ensemble:  # made first, from the trained members
+        from race_classifier.models.ensemble import describe_ensemble
+        changes.insert(0, f"the model is an ensemble: it answers with {describe_ensemble(ensemble)} (the training "
+                          "details above are the first member's)")
     return "; then ".join(c for c in changes if c) or None
 
 
@@ -341,6 +346,19 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def training_label_mapping(train_args: dict, taxonomy: Taxonomy, source_spec: str | None = None,
+                           label_map: str | None = None):
+    """How manifest labels become ``taxonomy``'s classes: as the run was trained (its --source_taxonomy and
+    --label_map) unless ``source_spec``/``label_map`` say otherwise; None when they are its classes."""
+    from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
+    source_spec = source_spec or train_args.get("source_taxonomy")
+    label_map = label_map or train_args.get("label_map")
+    if not (source_spec or label_map):
+        return None
+    source = get_taxonomy(source_spec) if source_spec else taxonomy
+    return get_mapping(source, taxonomy, load_label_map(label_map) if label_map else None)
+
+
 def read_manifests(val_txt, train_txt, taxonomy: Taxonomy, mapping, multi: bool) -> tuple:
     """(validation samples, training samples or None, train_txt or None) for calibration and the model card;
     a missing training manifest only costs the card its counts. ``multi`` (a model with gender/age heads)
@@ -357,7 +375,7 @@ def read_manifests(val_txt, train_txt, taxonomy: Taxonomy, mapping, multi: bool)
 
 
 def run(args: argparse.Namespace) -> int:
-    from race_classifier.labels import Taxonomy, get_mapping, get_taxonomy, load_label_map
+    from race_classifier.labels import Taxonomy
     from race_classifier.models.checkpoint import load_checkpoint
 
     if not 0 < args.coverage <= 1:
@@ -365,12 +383,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.model_path)
     taxonomy = Taxonomy.from_dict(ckpt["taxonomy"])
     train_args = ckpt.get("train_args") or {}
-    source_spec = args.source_taxonomy or train_args.get("source_taxonomy")
-    label_map = args.label_map or train_args.get("label_map")
-    mapping = None
-    if source_spec or label_map:
-        source = get_taxonomy(source_spec) if source_spec else taxonomy
-        mapping = get_mapping(source, taxonomy, load_label_map(label_map) if label_map else None)
+    mapping = training_label_mapping(train_args, taxonomy, args.source_taxonomy, args.label_map)
     val_samples, train_samples, train_txt = read_manifests(
         args.val_txt, args.train_txt or train_args.get("train_txt"), taxonomy, mapping, bool(ckpt.get("heads")))
     result = finalize_run(args.model_path, val_samples, val_txt=args.val_txt, train_samples=train_samples,

@@ -141,10 +141,12 @@ def class_recalls(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> n
 
 
 def fit_recall_offsets(logits: np.ndarray, labels: np.ndarray, min_recall: float, step: float = 0.05,
-                       max_steps: int = 400) -> np.ndarray:
+                       max_steps: int = 2000) -> np.ndarray:
     """Per-class logit offsets (>= 0) after which every class present in ``labels`` has a recall of at least
-    ``min_recall``: the class furthest below is raised a ``step`` at a time, so offsets stay as small as the
-    target allows. If the target cannot be met, the offsets with the highest worst-class recall seen."""
+    ``min_recall``: the class furthest below is raised a ``step`` at a time, or at once by as much as its
+    nearest wrong face needs when that is more (logits far apart, such as an ensemble's log-probabilities,
+    would otherwise take thousands of steps), so offsets stay as small as the target allows. If the target
+    cannot be met, the offsets with the highest worst-class recall seen."""
     num_classes = logits.shape[1]
     offsets = np.zeros(num_classes)
     best, best_worst = offsets.copy(), -1.0
@@ -155,7 +157,9 @@ def fit_recall_offsets(logits: np.ndarray, labels: np.ndarray, min_recall: float
             best, best_worst = offsets.copy(), recalls[low]
         if recalls[low] >= min_recall:
             return offsets
-        offsets[low] += step
+        scores = (logits + offsets)[labels == low]
+        gaps = np.delete(scores, low, axis=1).max(axis=1) - scores[:, low]  # >= 0 for its wrong faces
+        offsets[low] += max(step, gaps[gaps >= 0].min() + 1e-6)
     return best
 
 
@@ -188,14 +192,14 @@ def _with_race_layer(ckpt: dict, name: str, num_classes: int, weight=None, bias=
 
 def raise_low_recalls(model_path: str | Path, val_samples, min_recall: float, batch_size: int = 128,
                       workers: int = 2, features=None) -> tuple[dict, dict]:
-    """(checkpoint with the offsets added to its race biases, or to a merge-classes model's merged logits,
-    report): ``--balance recall``."""
+    """(checkpoint with the offsets added to its race biases, or to a merge-classes model's merged logits or an
+    ensemble's averaged ones, report): ``--balance recall``."""
     from race_classifier.models.checkpoint import load_model
     loaded = load_model(model_path)
-    merge = loaded.checkpoint.get("merged_classes")
+    merge, ensemble = loaded.checkpoint.get("merged_classes"), loaded.checkpoint.get("ensemble")
     labels = np.array([s.label for s in val_samples])
     k = loaded.taxonomy.num_classes
-    if merge:  # no race layer answers in these classes: the offsets go on the merged logits (models/merged.py)
+    if merge or ensemble:  # no one race layer answers: the offsets go on the model's output logits
         from race_classifier.evaluation.runner import predict_logits
         from race_classifier.models.loaders import load_predictor
         all_logits, _ = predict_logits(load_predictor(model_path), val_samples, batch_size, workers,
@@ -222,6 +226,9 @@ def raise_low_recalls(model_path: str | Path, val_samples, min_recall: float, ba
     if merge:
         out = {key: value for key, value in loaded.checkpoint.items() if key not in ("calibration", "resume")}
         out["merged_classes"] = {**merge, "offsets": (np.array(merge.get("offsets") or np.zeros(k)) + offsets).tolist()}
+    elif ensemble:
+        out = {key: value for key, value in loaded.checkpoint.items() if key not in ("calibration", "resume")}
+        out["ensemble"] = {**ensemble, "offsets": (np.array(ensemble.get("offsets") or np.zeros(k)) + offsets).tolist()}
     else:
         out = _with_race_layer(loaded.checkpoint, name, k, bias=bias + offsets)
     out["train_args"] = {**loaded.checkpoint.get("train_args", {}), "last_layer_rebalance": "recall",
@@ -283,6 +290,9 @@ def run(args: argparse.Namespace) -> int:
     from race_classifier.training.finalize import finalize_run
     from race_classifier.utils import atomic_torch_save
     ckpt = load_checkpoint(args.model_path)
+    if ckpt.get("ensemble") and args.balance != "recall":
+        raise ValueError(f"{args.model_path} is an ensemble: refit the last layers of its members "
+                         "(--balance recall works on an ensemble: its offsets go on the averaged logits)")
     if ckpt.get("merged_classes") and args.balance != "recall":  # its last layer scores the trained classes
         raise ValueError(f"{args.model_path} answers in merged classes: refit the last layer of the model it was "
                          f"made from ({ckpt['merged_classes'].get('source')}), then merge that (--balance recall "

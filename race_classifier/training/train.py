@@ -164,6 +164,9 @@ class Trainer:
 
     def _check_same_model(self, ckpt: dict, path: Path) -> None:
         """A checkpoint this run continues from must have this run's architecture, classes and heads."""
+        if ckpt.get("ensemble"):
+            raise TrainingError(f"{path} is an ensemble of {len(ckpt['ensemble']['members'])} models: train from "
+                                "one of its members")
         merge = ckpt.get("merged_classes")
         if merge:
             raise TrainingError(f"{path} answers in classes merged from its network's "
