@@ -15,7 +15,8 @@ import torchvision
 
 from conftest import REPO
 from race_classifier.data.manifest import read_manifest
-from race_classifier.evaluation.runner import map_probabilities, predict_samples, predictions_from_csv
+from race_classifier.evaluation.runner import (map_probabilities, predict_samples, predictions_from_csv,
+                                              predictions_table, write_predictions_csv)
 from race_classifier.labels import get_mapping, get_taxonomy
 from race_classifier.models.checkpoint import load_model
 from race_classifier.models.loaders import ModelLoadError, load_predictor
@@ -106,6 +107,30 @@ def test_predictions_csv_baseline_maps_labels_and_reports_uncovered_images(tmp_p
     assert [seed5.classes[i] if i >= 0 else None for i in table["y_pred"]] == ["Asian", "Black", "White", "Latino_Hispanic", None]
     assert table["error"].iloc[4].startswith("no prediction")
     assert "prob_0" not in table  # labels only: no probabilities to calibrate
+
+
+def test_a_baseline_answer_outside_the_evaluated_classes_is_no_answer_not_class_0(tmp_path, val_samples):
+    """UTKFace's 'Others' scored in seed5 (which drops it): no seed5 answer, said so; never a silent 'Asian'."""
+    seed5 = get_taxonomy("seed5")
+    samples = [s.__class__(s.path, 0) for s in val_samples[:3]]  # all Asian
+    csv = tmp_path / "prod.csv"
+    pd.DataFrame({"path": [s.path for s in samples], "pred_label": ["Others", "Asian", "White"]}).to_csv(csv, index=False)
+    table = predictions_from_csv(csv, samples, seed5, labels=get_taxonomy("utkface5"))
+    assert table["error"].iloc[0] == "prod.csv:2: predicted 'Others', which seed5 does not have"
+    assert table["y_pred"].tolist() == [-1, 0, 3]
+
+
+def test_this_tools_own_csv_with_an_unreadable_image_is_a_valid_baseline(tmp_path, val_samples):
+    seed5 = get_taxonomy("seed5")
+    samples = [s.__class__(s.path, i) for i, s in enumerate(val_samples[:3])]
+    probs = np.array([[0.6, 0.1, 0.1, 0.1, 0.1], [np.nan] * 5, [0.1, 0.1, 0.6, 0.1, 0.1]])
+    table = predictions_table(samples, probs, {1: "file not found"}, 5)
+    csv = tmp_path / "results.csv"
+    write_predictions_csv(table, seed5.classes, csv)
+    again = predictions_from_csv(csv, samples, seed5)
+    assert again["y_pred"].tolist() == [0, -1, 2]
+    assert again["error"].iloc[1] == "results.csv:3: file not found"
+    np.testing.assert_allclose(again[[f"prob_{k}" for k in range(5)]].to_numpy()[[0, 2]], probs[[0, 2]], atol=1e-6)
 
 
 def test_evaluation_and_comparison_commands(trained_checkpoints, manifests, tmp_path):

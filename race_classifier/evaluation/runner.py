@@ -192,25 +192,34 @@ def predictions_from_csv(csv_path: str | Path, samples: list[Sample], taxonomy: 
     prob_cols = [f"prob_{c}" for c in labels.classes]
     has_probs = all(c in df.columns for c in prob_cols)
     base = csv_path.resolve().parent
-    rows = {}
+    kept = np.array([t is not None for t in mapping.table]) if mapping else np.ones(labels.num_classes, bool)
+    rows, failed = {}, {}  # by resolved path: probabilities, or why the CSV gives none usable
     for line, rec in enumerate(df.to_dict("records"), 2):
-        path = Path(rec["path"]) if Path(rec["path"]).is_absolute() else base / rec["path"]
+        path = str((Path(rec["path"]) if Path(rec["path"]).is_absolute() else base / rec["path"]).resolve())
+        if rec.get("error") or not rec[label_col]:  # e.g. an unreadable image in this tool's own CSV
+            failed[path] = f"{csv_path.name}:{line}: {rec.get('error') or 'no predicted label'}"
+            continue
         try:
             index = labels.index(rec[label_col])
+            if has_probs:
+                p = np.array([[float(rec[c]) for c in prob_cols]])
+            else:
+                p = np.zeros((1, labels.num_classes))
+                p[0, index] = 1.0
         except ValueError as e:
             raise ValueError(f"{csv_path}:{line}: {e}") from None
-        if has_probs:
-            p = np.array([[float(rec[c]) for c in prob_cols]])
-        else:
-            p = np.zeros((1, labels.num_classes))
-            p[0, index] = 1.0
-        rows[str(path.resolve())] = map_probabilities(p, mapping)[0] if mapping else p[0]
+        if not p[0, kept].sum() > 0:  # all of it on classes the evaluated taxonomy drops: no answer in it
+            failed[path] = (f"{csv_path.name}:{line}: predicted {rec[label_col]!r}, which {taxonomy.name} does "
+                            "not have")
+            continue
+        rows[path] = map_probabilities(p, mapping)[0] if mapping else p[0]
     probs = np.full((len(samples), taxonomy.num_classes), np.nan)
     errors = {}
     for i, s in enumerate(samples):
-        found = rows.get(str(Path(s.path).resolve()))
+        key = str(Path(s.path).resolve())
+        found = rows.get(key)
         if found is None:
-            errors[i] = f"no prediction for this image in {csv_path.name}"
+            errors[i] = failed.get(key) or f"no prediction for this image in {csv_path.name}"
         else:
             probs[i] = found
     table = _table(samples, probs, errors, taxonomy.num_classes)
