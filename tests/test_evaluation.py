@@ -53,6 +53,9 @@ def test_fairface_release_format_is_recognised(tmp_path, val_samples):
     with torch.no_grad():
         expected = torch.softmax(model.eval()(x)[:, :7], dim=1).numpy()
     assert probs.shape == (2, 7) and probs == pytest.approx(expected, abs=1e-5)
+    # Saved from DataParallel (module. prefixes), it is the same model.
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "dp.pt")
+    assert load_predictor(tmp_path / "dp.pt").predict_proba(x) == pytest.approx(expected, abs=1e-5)
     # Its 7 races map into seed5 by the training tables.
     table = predict_samples(predictor, val_samples[:4], get_taxonomy("seed5"), batch_size=2, workers=0)
     assert table[[f"prob_{k}" for k in range(5)]].sum(axis=1).to_numpy() == pytest.approx(np.ones(4))

@@ -95,6 +95,17 @@ def test_blank_lines_and_comments_skipped(tmp_path):
     assert [(Path(s.path).name, s.label, s.line) for s in samples] == [("a.jpg", 3, 4), ("b.jpg", 1, 6)]
 
 
+@pytest.mark.parametrize("first", ["a.jpg White\n", "# header\na.jpg White\n"])
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, first):
+    """Windows editors save UTF-8 with a BOM: the first image (or comment) line must survive it."""
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "b.jpg")
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(first + "b.jpg Black\n", encoding="utf-8-sig")
+    assert manifest.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert [Path(s.path).name for s in read_manifest(manifest, SEED5)] == ["a.jpg", "b.jpg"]
+
+
 def test_unknown_label_names_file_and_line(tmp_path):
     touch(tmp_path / "a.jpg")
     manifest = write(tmp_path / "m.txt", "# c\na.jpg White\na.jpg Martian\n")

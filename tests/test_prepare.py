@@ -137,6 +137,12 @@ def test_val_fraction_out_of_range_is_an_error(tree, tmp_path, fraction):
         P.prepare(S.scan_folder_tree(tree), tmp_path / "out", "seed5", val_fraction=fraction)
 
 
+def test_a_val_fraction_that_is_not_one_fold_is_warned_with_the_share_held_out(caplog):
+    assert P._check_val_fraction(0.1) == 10 and "holds out" not in caplog.text
+    assert P._check_val_fraction(0.4) == 2
+    assert "val_fraction 0.4 holds out one of 2 stratified folds: about 50.0% of the identities" in caplog.text
+
+
 def test_too_few_identities_for_the_split_is_an_error(tmp_path):
     write_image(tmp_path / "tree" / "White" / "p1" / "a.jpg")
     write_image(tmp_path / "tree" / "Black" / "p2" / "a.jpg")

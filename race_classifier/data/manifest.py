@@ -109,7 +109,7 @@ def iter_manifest(path: str | Path) -> Iterator[tuple[int, str, str, dict[str, s
     against the manifest's folder; a malformed line raises ManifestError naming the file and line."""
     path = Path(path)
     base = path.resolve().parent
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not path text
         for lineno, text in enumerate(f, 1):
             try:
                 parsed = parse_line(text)

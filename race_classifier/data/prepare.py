@@ -43,7 +43,11 @@ def _check_val_fraction(val_fraction: float) -> int:
     """The number of folds for ``val_fraction`` (validation is one fold)."""
     if not 0 < val_fraction <= 0.5:
         raise PrepareError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
-    return round(1 / val_fraction)
+    n_splits = round(1 / val_fraction)
+    if abs(1 / n_splits - val_fraction) > 0.005:  # e.g. 0.4: one fold of 2
+        log.warning("val_fraction %g holds out one of %d stratified folds: about %.1f%% of the identities",
+                    val_fraction, n_splits, 100 / n_splits)
+    return n_splits
 
 
 def split_by_identity(records: list[Record], val_fraction: float = 0.1, seed: int = 0) -> tuple[list[Record], list[Record]]:
@@ -241,7 +245,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label_map", default=None,
                         help="YAML of source class: target class (null drops the class)")
     parser.add_argument("--val_fraction", type=float, default=0.1,
-                        help="share of identities held out for validation, in (0, 0.5] (default 0.1)")
+                        help="share of identities held out for validation, in (0, 0.5] (default 0.1); held "
+                        "out as one of round(1/F) stratified folds, so 0.4 holds out 1/2 (warned)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     parser.add_argument("--val_csv", default=None,
                         help="fairface only: a label CSV to use as the validation set instead of a random "

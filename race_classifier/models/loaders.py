@@ -203,7 +203,8 @@ def _load_any(path: Path, labels, image_size, mean, std, device: torch.device,
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return _from_checkpoint(path, device, amp_dtype)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if isinstance(state, dict) and getattr(state.get("fc.weight"), "shape", (0,))[0] == FAIRFACE_OUTPUTS:
+    fc = state.get("fc.weight", state.get("module.fc.weight")) if isinstance(state, dict) else None  # DataParallel
+    if getattr(fc, "shape", (0,))[0] == FAIRFACE_OUTPUTS:
         return _load_fairface(path, state, device, amp_dtype)
     raise ModelLoadError(f"{path}: not a race-classifier checkpoint, a FairFace ResNet-34 state dict "
                          "(fc with 18 outputs), TorchScript or ONNX")
