@@ -246,3 +246,8 @@ def test_ece_noise_floor_in_calibration_and_head_sections(rendered, tmp_path):
     gender = section(out.read_text("utf-8"), "head-gender")
     assert "6.10%" in gender and "if perfectly calibrated: 2.00% expected, 95% &lt;= 3.00%; p = 0.042" in gender
     assert "9.00% before temperature 1.300" in gender
+    # The race head's summary says the same of its own temperature.
+    race = {**make_evaluation(), "calibration": {"temperature": 0.9, "ece_before": 0.052, "ece_after": 0.043}}
+    render_report(race, make_predictions(tmp_path), CLASSES, {}, out)
+    assert "5.20% before temperature 0.900" in section(out.read_text("utf-8"), "summary")
+    assert "before temperature" not in section(rendered["full"], "summary")  # an uncalibrated model: no such line

@@ -255,6 +255,7 @@ def _summary(evaluation: dict, classes: list[str]) -> dict:
         "macro_f1": evaluation.get("macro_f1"),
         "ece": evaluation.get("ece"),
         "ece_if_calibrated": evaluation.get("ece_if_calibrated"),
+        "calibration": evaluation.get("calibration"),  # the ECE before the model's temperature, when it has one
         "log_loss": evaluation.get("log_loss"),
         "n": evaluation.get("n"),
         "n_errors": evaluation.get("n_errors"),
