@@ -166,6 +166,16 @@ def test_subgroups_only_where_known():
     assert result["subgroups"] == {} and result["subgroup_gaps"] == {}
 
 
+def test_unknown_markers_are_no_group_and_gender_spellings_one():
+    df = example_df(errors=False).assign(gender=["F", "female", "Female", "-", "unknown", "m", "Male", "MALE", "?", ""],
+                             age=["-", "na", "25", "-1", "unknown", "25", "25", "?", "25", "25"])
+    result = evaluate_predictions(df, CLASSES, n_boot=50)
+    assert [g["group"] for g in result["subgroups"]["gender"]] == ["Female", "Male"]
+    assert [g["group"] for g in result["subgroups"]["age"]] == ["20-29"]
+    assert all("×" in g["group"] and g["group"].split(" × ")[1] in ("Female", "Male")
+               for g in result["subgroups"]["race_x_gender"])
+
+
 def test_integer_ages_are_binned():
     df = example_df(errors=False).assign(age=[1, 5, 15, 25, 35, 45, 55, 65, 70, 90])
     ages = [g["group"] for g in evaluate_predictions(df, CLASSES, n_boot=50)["subgroups"]["age"]]
@@ -176,6 +186,7 @@ def test_integer_ages_are_binned():
     ("0", "0-2"), ("2", "0-2"), ("3", "3-9"), ("9", "3-9"), ("10", "10-19"), ("25", "20-29"),
     ("69", "60-69"), ("70", "more than 70"), ("116", "more than 70"), (25.0, "20-29"), (41, "40-49"),
     ("3-9", "3-9"), ("more than 70", "more than 70"), ("", ""), (None, ""), (float("nan"), ""),
+    ("-", ""), ("unknown", ""), ("NA", ""), ("-1", ""), (-1, ""),
 ])
 def test_age_group(value, expected):
     assert age_group(value) == expected

@@ -72,16 +72,18 @@ def _num(x) -> float | None:
 
 def age_group(value) -> str:
     """FairFace age range of ``value``: ranges ('3-9', 'more than 70') pass through; integer ages
-    (UTKFace) are binned into FairFace's ranges (70 and over -> 'more than 70'); unknown -> ''."""
+    (UTKFace) are binned into FairFace's ranges (70 and over -> 'more than 70'); unknown ('-', 'unknown', NaN,
+    a negative code such as -1) -> ''."""
+    from race_classifier.heads import UNKNOWN_VALUES
     text = "" if value is None else str(value).strip()
-    if text.lower() in ("", "nan", "none"):
+    if text.lower() in UNKNOWN_VALUES | {"nan"}:
         return ""
     try:
         age = float(text)
     except ValueError:
         return text  # already a range label
     if not math.isfinite(age) or age < 0:
-        raise ValueError(f"not an age: {value!r}")
+        return ""
     for upper, label in zip(_AGE_UPPER, AGE_RANGES):
         if int(age) <= upper:
             return label
@@ -162,8 +164,11 @@ def subgroup_masks(df: pd.DataFrame, classes: Sequence[str]) -> dict[str, list[t
 
     Only dimensions where some row has a value; rows with an empty value are left out of that dimension.
     """
+    from race_classifier.heads import canonical_gender
     n = len(df)
-    gender = df["gender"].to_numpy(str) if "gender" in df else np.full(n, "")
+    # 'M', 'male' and 'Male' are one group, as for the gender head; unknown markers ('-', 'unknown') none
+    gender = (np.array([canonical_gender(g) or "" for g in df["gender"]], dtype=str) if "gender" in df
+              else np.full(n, ""))
     age = np.array([age_group(a) for a in df["age"]], dtype=str) if "age" in df else np.full(n, "")
     y = df["y_true"].to_numpy(int)
     genders = sorted(str(g) for g in set(gender) - {""})
