@@ -57,6 +57,14 @@ def test_group_balanced_weights_draw_race_x_gender_cells_equally():
         assert 180 < drawn[c] < 320  # about a quarter each (247.5), not 81% / 10% / 6% / 3%
 
 
+def test_group_cells_follow_the_gender_heads_spelling():
+    """'M' and 'Male' are one cell, '-' and '' both unknown: spellings do not make cells of their own."""
+    labels = [0] * 6 + [1] * 4
+    spelt = ["Male", "M", "male", "Female", "f", "-", "Male", "MALE", "unknown", ""]
+    canonical = ["Male", "Male", "Male", "Female", "Female", "", "Male", "Male", "", ""]
+    assert torch.equal(group_balanced_weights(labels, spelt), group_balanced_weights(labels, canonical))
+
+
 def test_group_balanced_weights_without_groups_is_class_balanced():
     labels = [0] * 30 + [1] * 10 + [2] * 5
     assert torch.allclose(group_balanced_weights(labels, [""] * len(labels)),

@@ -34,13 +34,14 @@ def class_balanced_weights(labels: Sequence[int], num_classes: int) -> torch.Ten
 def group_balanced_weights(labels: Sequence[int], groups: Sequence[str]) -> torch.Tensor:
     """Per-sample weights that give every present (class, group) cell the same total weight.
 
-    ``groups`` is each sample's group within its class (the manifest's gender column). An empty
-    group ("" = unknown) is a cell of its own in each class: unknown-gender faces are neither dropped
-    nor counted as one of the genders.
+    ``groups`` is each sample's group within its class (the manifest's gender column), spelt as the gender
+    head reads it ('M', 'male' and 'Male' are one group). An unknown group ('', '-', 'unknown') is a cell of
+    its own in each class: unknown-gender faces are neither dropped nor counted as one of the genders.
     """
+    from race_classifier.heads import canonical_gender
     if len(labels) != len(groups):
         raise ValueError(f"{len(labels)} labels but {len(groups)} groups")
-    cells = list(zip((int(y) for y in labels), (str(g) for g in groups)))
+    cells = list(zip((int(y) for y in labels), (canonical_gender(g) or "" for g in groups)))
     index = {cell: i for i, cell in enumerate(dict.fromkeys(cells))}
     cell_ids = torch.tensor([index[c] for c in cells], dtype=torch.long)
     counts = torch.bincount(cell_ids, minlength=len(index)).double()

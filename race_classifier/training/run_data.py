@@ -21,7 +21,7 @@ from race_classifier.data.sampler import (SeededEpochSampler, class_balanced_wei
                                           source_weighted)
 from race_classifier.data.shards import find_shards
 from race_classifier.data.transforms import Augmentation, Preprocessing, build_transform
-from race_classifier.heads import AgeBins, HeadLayout, gender_classes, targets_tensor
+from race_classifier.heads import AgeBins, HeadLayout, canonical_gender, gender_classes, targets_tensor
 from race_classifier.labels import Taxonomy, get_mapping, get_taxonomy, load_label_map
 from race_classifier.training import TrainingError
 from race_classifier.training.distributed import World
@@ -169,7 +169,7 @@ def _sampling_weights(args, samples: RunSamples, labels: list[int]) -> torch.Ten
             return group_balanced_weights(subset, [train[i].gender for i in indices])
         return None
 
-    if args.balance == "group" and not any(s.gender for s in train):
+    if args.balance == "group" and not any(canonical_gender(s.gender) for s in train):
         log.warning("--balance group: the training manifest has no gender column, so every class is one "
                     "cell and this is class-balanced sampling")
     if not args.source_weights:
