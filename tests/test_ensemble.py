@@ -125,7 +125,7 @@ def test_misuse_is_refused_naming_the_file(ensemble_of_two, trained_checkpoints,
     assert ensemble([one, ensemble_of_two], manifests, tmp_path / "c") == 2
     assert f"{ensemble_of_two} is an ensemble already" in caplog.text
     assert ensemble([one, three], manifests, one.parent) == 2
-    assert "holds a member" in caplog.text
+    assert f"--out_dir {one.parent} is {one}'s own folder" in caplog.text
 
     assert cli_main(["rebalance", "--model_path", str(ensemble_of_two), "--train_txt", str(manifests / "train.txt"),
                      "--val_txt", str(manifests / "val.txt"), "--out_dir", str(tmp_path / "r"),

@@ -111,6 +111,21 @@ def test_multitask_training_run(manifests, tmp_path, capsys):
     assert loaded.model(torch.zeros(2, 3, 32, 32)).shape == (2, len(PATTERNS) + 2 + 4)
 
 
+def test_heads_without_validation_labels_leave_val_loss_defined(manifests, tmp_path, capsys):
+    """A validation manifest with no gender or age column: --best_metric val_loss still keeps a best.pt."""
+    data = tmp_path / "mt"
+    data.mkdir()
+    with_gender_and_age(manifests / "train.txt", data / "train.txt")
+    (data / "val.txt").write_text((manifests / "val.txt").read_text())  # race labels only
+    (data / "classes.txt").write_text((manifests / "classes.txt").read_text())
+    run = tmp_path / "run"
+    assert train_main(train_args(data, run, "--num_epochs", "2", "--heads", "race,gender,age",
+                                 "--best_metric", "val_loss", "--patience", "1")) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"Val Loss: \d+\.\d{4}", out)) == 2 and "nan" not in out.lower()
+    assert (run / "best.pt").is_file() and "Best epoch" in out
+
+
 def test_multitask_resume_refuses_other_heads(manifests, tmp_path):
     data = tmp_path / "mt"
     data.mkdir()

@@ -110,7 +110,7 @@ def test_recall_offsets_reach_a_class_whose_logits_are_far_below():
 
 
 def test_rebalance_recall_cli_adds_the_fitted_offsets_to_the_biases_only(trained_checkpoints, manifests, tmp_path,
-                                                                        capsys):
+                                                                        capsys, caplog):
     source = trained_checkpoints[1]
     old = load_model(source)
     samples = read_manifest(manifests / "val.txt", old.taxonomy)
@@ -134,3 +134,11 @@ def test_rebalance_recall_cli_adds_the_fitted_offsets_to_the_biases_only(trained
     assert changed == [f"{name}.bias"]
     new_bias = last_linear(new.model)[1].bias.detach().numpy()
     np.testing.assert_allclose(new_bias - linear.bias.detach().numpy(), expected, atol=1e-5)
+
+    # Into the model's own folder: refused, the trained model untouched.
+    before = source.read_bytes()
+    assert cli_main(["rebalance", "--model_path", str(source), "--train_txt", str(manifests / "train.txt"),
+                     "--val_txt", str(manifests / "val.txt"), "--balance", "recall", "--out_dir", str(source.parent),
+                     "--workers", "0"]) == 2
+    assert f"{source}'s own folder" in caplog.text
+    assert source.read_bytes() == before

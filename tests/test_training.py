@@ -77,6 +77,9 @@ def test_bad_image_is_skipped_and_listed(manifests, tmp_path, capsys):
     assert "Skipped 1 unreadable image(s) in epoch 1" in out and str(bad) in out
     assert read_log(run / "log.csv")[0]["skipped_images"] == "1"
     assert str(bad) in (run / "skipped_images.txt").read_text()
+    # Started afresh on clean data, the run does not keep the previous run's listing.
+    assert train_main(train_args(manifests, run, "--num_epochs", "1", "--overwrite")) == 0
+    assert read_log(run / "log.csv")[0]["skipped_images"] == "0" and not (run / "skipped_images.txt").exists()
 
 
 def test_unknown_label_names_file_and_line(manifests, tmp_path, caplog):

@@ -193,7 +193,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
         known = targets[:, i] >= 0
         y_true, head_logits = targets[known, i], logits[known][:, s]
         summaries.append(summarize(y_true.tolist(), head_logits.argmax(1).tolist(), len(head.classes)))
-        loss += nn.functional.cross_entropy(head_logits, y_true).item() if known.any() else float("nan")
+        if known.any():  # a head no validation image is labelled for adds nothing (a NaN would end best.pt)
+            loss += nn.functional.cross_entropy(head_logits, y_true).item()
     result = summaries[0]
     result["loss"] = loss if len(targets) else float("nan")
     result["heads"] = {head.name: summary for head, summary in zip(heads.extra, summaries[1:])}

@@ -81,15 +81,12 @@ def ensemble_checkpoint(paths: list[str | Path]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from race_classifier.labels import Taxonomy
-    from race_classifier.training.finalize import finalize_run, read_manifests, training_label_mapping
+    from race_classifier.training.finalize import finalize_run, output_path, read_manifests, training_label_mapping
     from race_classifier.utils import atomic_torch_save
 
     if not 0 < args.coverage <= 1:
         raise ValueError(f"--coverage must be in (0, 1], got {args.coverage}")
-    out = Path(args.out_dir) / "best.pt"
-    if any(out.resolve().parent == Path(p).resolve().parent for p in args.model_path):
-        raise ValueError(f"--out_dir {args.out_dir} holds a member: its model card would be overwritten; "
-                         "give another folder")
+    out = output_path(args.out_dir, *args.model_path)
     ckpt = ensemble_checkpoint(args.model_path)
     taxonomy, train_args = Taxonomy.from_dict(ckpt["taxonomy"]), ckpt["train_args"]
     mapping = training_label_mapping(train_args, taxonomy)  # labels mapped as the first member's training did

@@ -359,6 +359,17 @@ def training_label_mapping(train_args: dict, taxonomy: Taxonomy, source_spec: st
     return get_mapping(source, taxonomy, load_label_map(label_map) if label_map else None)
 
 
+def output_path(out_dir: str | Path, *model_paths: str | Path) -> Path:
+    """``out_dir``/best.pt for a post-training command, refused when ``out_dir`` holds one of its input models:
+    their checkpoint (or model card) would be overwritten."""
+    out = Path(out_dir) / "best.pt"
+    for path in model_paths:
+        if out.resolve().parent == Path(path).resolve().parent:
+            raise ValueError(f"--out_dir {out_dir} is {path}'s own folder: it and its model card would be "
+                             "overwritten; give another folder")
+    return out
+
+
 def read_manifests(val_txt, train_txt, taxonomy: Taxonomy, mapping, multi: bool) -> tuple:
     """(validation samples, training samples or None, train_txt or None) for calibration and the model card;
     a missing training manifest only costs the card its counts. ``multi`` (a model with gender/age heads)

@@ -107,15 +107,12 @@ def merged_checkpoint(ckpt: dict, mapping, source_path: str | Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     from race_classifier.labels import Taxonomy, get_mapping, get_taxonomy, load_label_map
     from race_classifier.models.checkpoint import load_checkpoint
-    from race_classifier.training.finalize import finalize_run, read_manifests
+    from race_classifier.training.finalize import finalize_run, output_path, read_manifests
     from race_classifier.utils import atomic_torch_save
 
     if not 0 < args.coverage <= 1:
         raise ValueError(f"--coverage must be in (0, 1], got {args.coverage}")
-    out = Path(args.out_dir) / "best.pt"
-    if out.resolve().parent == Path(args.model_path).resolve().parent:
-        raise ValueError(f"--out_dir {args.out_dir} is {args.model_path}'s own folder: its model card would be "
-                         "overwritten; give another folder")
+    out = output_path(args.out_dir, args.model_path)
     ckpt = load_checkpoint(args.model_path)
     refuse_merged(ckpt, args.model_path)
     fine, target = Taxonomy.from_dict(ckpt["taxonomy"]), get_taxonomy(args.taxonomy)

@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     from race_classifier.models.checkpoint import load_checkpoint
     from race_classifier.labels import Taxonomy, get_taxonomy
     from race_classifier.training.merge_classes import label_mapping
-    from race_classifier.training.finalize import finalize_run
+    from race_classifier.training.finalize import finalize_run, output_path
     from race_classifier.utils import atomic_torch_save
     ckpt = load_checkpoint(args.model_path)
     if ckpt.get("ensemble") and args.balance != "recall":
@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     mapping = label_mapping(ckpt, get_taxonomy(args.source_taxonomy)) if args.source_taxonomy else None
     train_samples = read_manifest(args.train_txt, taxonomy, mapping)
     val_samples = read_manifest(args.val_txt, taxonomy, mapping)
-    out = Path(args.out_dir) / "best.pt"
+    out = output_path(args.out_dir, args.model_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.balance == "recall":
         ckpt, report = raise_low_recalls(args.model_path, val_samples, args.min_recall, args.batch_size, args.workers)

@@ -244,8 +244,9 @@ class Trainer:
         if self.world.main:
             for p in existing:
                 p.unlink()
-            if self.args.overwrite:  # the previous run's card must not sit beside this run's checkpoint
+            if self.args.overwrite:  # the previous run's card and listing must not sit beside this run's files
                 (self.dir / "MODEL_CARD.md").unlink(missing_ok=True)
+                (self.dir / "skipped_images.txt").unlink(missing_ok=True)
             self.dir.mkdir(parents=True, exist_ok=True)
         self.world.barrier()
 
@@ -420,9 +421,12 @@ class Trainer:
         for row in self.history:
             if best_row is None or _better(row[metric], best_row[metric], metric):
                 best_row = row
-        if best_row is not None:
+        if best_row is not None and self.best_path.is_file():
             print(f"Best epoch {best_row['epoch']}: {metric} {best_row[metric]:.4f}; checkpoint {self.best_path}, "
                   f"log {self.args.log_file}", flush=True)
+        elif best_row is not None:
+            print(f"No best checkpoint: {metric} was never defined (no readable, labelled validation image?); "
+                  f"the last weights are in {self.last_path}, log {self.args.log_file}", flush=True)
         return {"best": best_row, "history": self.history}
 
 
