@@ -208,6 +208,23 @@ def test_serve_command_is_registered():
     assert (args.model, args.port, args.workers, args.abstain) == ("m.onnx", 0, 3, True)
 
 
+def test_serve_describes_a_model_file_without_metadata_as_predict_does(checkpoint, manifests, tmp_path):
+    """A TorchScript model trained at 32 px with mean/std 0.5 is served at that size and normalisation."""
+    import torch
+
+    from race_classifier.models.checkpoint import load_model
+    from race_classifier.serving.cli import build_app
+    scripted = tmp_path / "model.torchscript.pt"
+    torch.jit.trace(load_model(checkpoint).model, torch.randn(1, 3, 32, 32)).save(str(scripted))
+    args = build_parser().parse_args(["serve", "--model", str(scripted), "--labels", str(manifests / "classes.txt"),
+                                      "--image_size", "32", "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5",
+                                      "0.5", "--no-detect"])
+    app, _ = build_app(args)
+    client = TestClient(app)
+    info = client.get("/v1/model").json()
+    assert info["preprocessing"]["image_size"] == 32 and info["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+
+
 # --- real faces ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

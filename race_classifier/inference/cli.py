@@ -54,17 +54,22 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--every", type=int, default=1, help="classify every N-th frame")
     g.add_argument("--annotate", help="write an annotated copy of the video (.mp4 or .avi)")
     g.add_argument("--max-frames", type=int, help="stop after this many frames (e.g. for a camera)")
-    g = p.add_argument_group("model files without metadata (TorchScript, foreign ONNX)")
-    g.add_argument("--labels", help="class order: a taxonomy name, a class file or 'A,B,...'")
-    g.add_argument("--image_size", type=int)
-    g.add_argument("--mean", type=float, nargs=3)
-    g.add_argument("--std", type=float, nargs=3)
+    add_metadata_arguments(p)
     p.add_argument("--device", default="cpu")
     add_amp_argument(p)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for the classifier (default 1: on a shared 2-core machine a second thread "
                         "made it ~5x slower, 306 vs 54 ms a photo; raise it on a dedicated machine)")
     return p
+
+
+def add_metadata_arguments(p: argparse.ArgumentParser) -> None:
+    """What a model file without metadata (TorchScript, foreign ONNX) cannot say itself; predict and serve."""
+    g = p.add_argument_group("model files without metadata (TorchScript, foreign ONNX)")
+    g.add_argument("--labels", help="class order: a taxonomy name, a class file or 'A,B,...'")
+    g.add_argument("--image_size", type=int, help="input size in pixels (default 224)")
+    g.add_argument("--mean", type=float, nargs=3, help="normalisation mean, RGB (default ImageNet's)")
+    g.add_argument("--std", type=float, nargs=3, help="normalisation std, RGB (default ImageNet's)")
 
 
 # --- inputs -----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from race_classifier.inference.cli import add_metadata_arguments
 from race_classifier.serving.limits import MB
 
 log = logging.getLogger("race_classifier.serve")
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--abstain", action="store_true", help="by default label faces below the model's stored "
                    "abstention threshold 'uncertain' (a request's ?abstain=0/1 overrides)")
     p.add_argument("--detect-size", type=int, default=480, help="longer side photos are shrunk to for detection")
-    p.add_argument("--labels", help="class order, for model files without metadata")
+    add_metadata_arguments(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per inference (see predict --help)")
     p.add_argument("--log-level", default="info", help="uvicorn's log level")
     return p
@@ -45,7 +46,8 @@ def build_app(args):
     from race_classifier.serving.limits import Limits
     limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_batch=args.max_batch,
                     workers=args.workers, queue=args.queue)
-    classifier = Classifier.load(args.model, labels=args.labels, detect=not args.no_detect, min_face=args.min_face,
+    classifier = Classifier.load(args.model, labels=args.labels, image_size=args.image_size, mean=args.mean,
+                                 std=args.std, detect=not args.no_detect, min_face=args.min_face,
                                  min_confidence=args.min_confidence, abstain=args.abstain,
                                  detect_size=args.detect_size)
     return create_app(classifier, limits), limits
