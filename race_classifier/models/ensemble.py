@@ -28,9 +28,7 @@ class AveragedProbabilities(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.temperatures = [float(t) for t in temperatures]
-        num_classes = None if offsets is None else len(offsets)
-        self.register_buffer("offsets", torch.tensor(offsets if num_classes else [0.0], dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer("offsets", torch.tensor(offsets or [0.0], dtype=torch.float32), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         probs = [torch.softmax(member(images).float() / t, dim=1) for member, t in zip(self.members, self.temperatures)]
