@@ -1,6 +1,7 @@
-"""Small helpers shared across the package: atomic file writes, progress reporting, a shared flag."""
+"""Small helpers shared across the package: atomic file writes, file hashes, progress reporting, a shared flag."""
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -36,6 +37,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:

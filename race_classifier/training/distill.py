@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from race_classifier.data.manifest import Sample
-from race_classifier.utils import add_amp_argument
+from race_classifier.utils import add_amp_argument, file_sha256
 
 log = logging.getLogger("race_classifier.distill")
 KEYS = ("paths", "probs", "classes", "teachers")  # required; "teacher_sha256" is optional (older files lack it)
@@ -84,14 +84,6 @@ class SoftLabels:
         came from (a teacher retrained into the same directory): these soft labels are then stale."""
         return [t for t, h in zip(self.teachers, self.teacher_sha256)
                 if h and Path(t).is_file() and file_sha256(t) != h]
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class TeacherTargets:

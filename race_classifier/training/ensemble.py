@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2)
 
 
-def _refusal(ckpt: dict, path) -> str | None:
+def _refusal(ckpt: dict) -> str | None:
     """Why ``ckpt`` cannot be a member (None: it can)."""
     if ckpt.get("ensemble"):
         return "is an ensemble already: list its members instead"
@@ -47,14 +47,14 @@ def ensemble_checkpoint(paths: list[str | Path]) -> dict:
     """One checkpoint holding every member's weights, answering with their mean calibrated probabilities."""
     from race_classifier.models.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
     from race_classifier.models.ensemble import build_ensemble
-    from race_classifier.training.distill import file_sha256
+    from race_classifier.utils import file_sha256
 
     if len(paths) < 2:
         raise ValueError("an ensemble needs at least two --model_path checkpoints")
     ckpts = [load_checkpoint(p) for p in paths]
     first = ckpts[0]
     for path, ckpt in zip(paths, ckpts):
-        reason = _refusal(ckpt, path)
+        reason = _refusal(ckpt)
         if reason:
             raise ValueError(f"{path} {reason}")
         for key, what in (("taxonomy", "classes"), ("preprocessing", "preprocessing")):
