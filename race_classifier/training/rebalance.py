@@ -223,12 +223,10 @@ def raise_low_recalls(model_path: str | Path, val_samples, min_recall: float, ba
               "accuracy_before": float((logits.argmax(1) == labels[use]).mean()),
               "accuracy_after": float(((logits + offsets).argmax(1) == labels[use]).mean()),
               "worst_recall_after": float(np.nanmin(class_recalls(logits + offsets, labels[use], k)))}
-    if merge:
-        out = {key: value for key, value in loaded.checkpoint.items() if key not in ("calibration", "resume")}
-        out["merged_classes"] = {**merge, "offsets": (np.array(merge.get("offsets") or np.zeros(k)) + offsets).tolist()}
-    elif ensemble:
-        out = {key: value for key, value in loaded.checkpoint.items() if key not in ("calibration", "resume")}
-        out["ensemble"] = {**ensemble, "offsets": (np.array(ensemble.get("offsets") or np.zeros(k)) + offsets).tolist()}
+    if merge or ensemble:  # recorded with the merge (applied last) or else the ensemble, on top of earlier ones
+        key, spec = ("merged_classes", merge) if merge else ("ensemble", ensemble)
+        out = {name: value for name, value in loaded.checkpoint.items() if name not in ("calibration", "resume")}
+        out[key] = {**spec, "offsets": (np.array(spec.get("offsets") or np.zeros(k)) + offsets).tolist()}
     else:
         out = _with_race_layer(loaded.checkpoint, name, k, bias=bias + offsets)
     out["train_args"] = {**loaded.checkpoint.get("train_args", {}), "last_layer_rebalance": "recall",
