@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 
 from race_classifier.evaluation.compare import compare_predictions, mcnemar_exact
+from race_classifier.evaluation import metrics
 from race_classifier.evaluation.metrics import (
     age_group,
+    bootstrap_weights,
     evaluate_predictions,
     expected_calibration_error,
     summarize,
@@ -136,6 +138,25 @@ def test_bootstrap_ci_contains_estimate_is_seeded_and_narrows():
     width = lambda e: e["ci_high"] - e["ci_low"]  # noqa: E731
     assert width(big["accuracy"]) < width(small["accuracy"]) / 2
     assert width(big["balanced_accuracy"]) < width(small["balanced_accuracy"]) / 2
+
+
+def test_bootstrap_weights_are_one_draw_made_in_blocks(monkeypatch):
+    """Blocks of resamples give exactly the counts of one (n_boot, n) draw, each row n draws, and memory
+    peaks near the weight matrix itself (one-shot counting held ~4 copies of it: indices, offsets, counts)."""
+    import tracemalloc
+
+    n, n_boot, seed = 5000, 120, 7
+    draw = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    expected = np.stack([np.bincount(row, minlength=n) for row in draw]).astype(float)
+    monkeypatch.setattr(metrics, "_DRAW_ELEMENTS", 3 * n + 17)  # blocks of 3 rows, the last one short
+    tracemalloc.start()
+    weights = bootstrap_weights(n, n_boot, seed)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(weights, expected)
+    assert (weights.sum(axis=1) == n).all()
+    assert peak < 1.2 * weights.nbytes
+    assert bootstrap_weights(0, 4, seed).shape == (4, 0)
 
 
 def test_subgroups_by_hand(report):

@@ -17,7 +17,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp
 
-from race_classifier.evaluation.metrics import bootstrap_ci, bootstrap_indices, resample_weights, weighted_rate
+from race_classifier.evaluation.metrics import bootstrap_ci, bootstrap_weights, weighted_rate
 
 # Search range of log T: T in [0.02, 50] covers any model we have seen (T ~ 0.5-3 is usual).
 _LOG_T_BOUNDS = (math.log(0.02), math.log(50.0))
@@ -110,7 +110,7 @@ def selective_accuracy(confidence, correct, threshold: float, n_boot: int = 1000
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
     answered = (confidence >= threshold).astype(float)
-    weights = resample_weights(bootstrap_indices(len(correct), n_boot, seed), len(correct))
+    weights = bootstrap_weights(len(correct), n_boot, seed)
     summary = abstention_summary(confidence, correct, threshold)
     summary.pop("target_coverage")
     summary["coverage_ci"] = bootstrap_ci(lambda w: weighted_rate(w, answered), weights, ci)

@@ -18,12 +18,11 @@ from scipy.stats import binomtest
 
 from race_classifier.evaluation.metrics import (
     balanced_rate,
-    bootstrap_indices,
+    bootstrap_weights,
     head_table,
     normalize_predictions,
     percentile_ci,
     race_labelled,
-    resample_weights,
     subgroup_masks,
     weighted_rate,
     _num,
@@ -131,7 +130,7 @@ def _compare(df_a: pd.DataFrame, df_b: pd.DataFrame, classes: Sequence[str], n_b
     ca = (paired["y_pred_a"].to_numpy(int) == y).astype(float)
     cb = (paired["y_pred_b"].to_numpy(int) == y).astype(float)
     # One set of resampled indices for both models and every statistic: a paired bootstrap.
-    weights = resample_weights(bootstrap_indices(len(y), n_boot, seed), len(y))
+    weights = bootstrap_weights(len(y), n_boot, seed)
 
     def entry(name, mask):
         return _accuracy_entry(name, mask, ca, cb, weights, alpha)
