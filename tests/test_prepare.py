@@ -106,6 +106,18 @@ def test_same_seed_same_files_other_seed_other_split(tree, tmp_path):
     assert any(val_text(seed, f"s{seed}") != first for seed in (1, 2, 3))
 
 
+def test_a_file_name_that_is_not_utf8_is_an_error_naming_it(tree, tmp_path):
+    """A Latin-1 file name (os gives it with surrogates) cannot go into a UTF-8 manifest: the error names the
+    file, rather than a bare UnicodeEncodeError naming nothing."""
+    import os
+    bad = os.path.join(os.fsencode(tree / "Caucasian" / "person1"), b"caf\xe9.jpg")
+    with open(bad, "wb") as f:
+        f.write(JPEG)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"not UTF-8.*person1/caf\\udce9\.jpg"):
+        P.run(parse(["folder", str(tree), "--out", str(out)]))
+
+
 def test_unknown_folder_is_an_error_naming_it(tree):
     write_image(tree / "Martian" / "p1" / "a.jpg")
     with pytest.raises(S.PrepareError, match="Martian"):

@@ -149,6 +149,11 @@ def format_sample(path: str, label: str, gender: str = "", age: str = "", source
     for value, what in ((path, "path"), (label, "label"), (gender, "gender"), (age, "age"), (source, "source")):
         if "\t" in value or "\n" in value:
             raise ManifestError(f"{what} contains a tab or newline, which a manifest cannot hold: {value!r}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a file name in another encoding, as os.listdir gives it (surrogates)
+            raise ManifestError(f"{what} is not UTF-8 (a file name in another encoding?), which a manifest "
+                                f"cannot hold: {value!r}; rename it") from None
     # The source column only in mixes: other manifests keep their four columns.
     return f"{path}\t{label}\t{gender}\t{age}" + (f"\t{source}" if source else "") + "\n"
 
