@@ -58,7 +58,7 @@ def _file_stamp(path: str, ns: bool = True) -> tuple[int, int]:
         st = os.stat(path)
     except OSError:
         return -1, -1
-    return st.st_size, (st.st_mtime_ns if ns else st.st_mtime_ns // 1_000_000_000)
+    return st.st_size, (st.st_mtime_ns if ns else int(st.st_mtime))
 
 
 def resize_square(image: Image.Image, size: int) -> Image.Image:
