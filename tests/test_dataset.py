@@ -190,6 +190,31 @@ def test_an_index_with_whole_second_stamps_still_covers_unchanged_images(tmp_pat
     assert not ImageCache.open(cache.root).for_samples(samples).covers(1)
 
 
+def test_a_build_leaves_the_partial_shards_of_a_build_still_running_alone(tmp_path):
+    """Two runs building the same --cache_dir set at once: the second deleted the first's partial shard as a
+    killed build's leftover, and the first run then stopped (FileNotFoundError renaming it). Only the
+    leftovers of processes that no longer run are removed."""
+    import subprocess
+    import sys
+    samples = make_images(tmp_path / "imgs", count=3, bad=-1)
+    root = tmp_path / "set"
+    root.mkdir()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = root / f".shard-00000.npy.{running.pid}.tmp"
+        live.write_bytes(b"being written")
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        stale = root / f".shard-00000.npy.{dead}.tmp"
+        stale.write_bytes(b"killed build")
+        ImageCache.build([s.path for s in samples], SIZE, root, workers=0)
+        assert live.exists()
+        assert not stale.exists()
+    finally:
+        running.kill()
+        running.wait()
+
+
 def test_cache_pickles_without_its_memmap(tmp_path):
     samples = make_images(tmp_path / "imgs", count=5, bad=1)
     cache = ImageCache.build_or_load(samples, SIZE, tmp_path / "cache", workers=0)

@@ -88,6 +88,23 @@ def _as_list(batch):
     return batch
 
 
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that is writing a temporary shard (``.shard-00000.npy.<pid>.tmp``) still runs."""
+    try:
+        pid = int(tmp.name.rsplit(".", 2)[-2])
+    except (ValueError, IndexError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return False  # this process builds one set at a time: its own leftover is from an aborted build
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _shard_name(k: int) -> str:
     return f"shard-{k:05d}.npy"
 
@@ -213,7 +230,8 @@ class ImageCache:
         # From here until the new index is written, the folder holds no complete set.
         (root / INDEX_NAME).unlink(missing_ok=True)
         for leftover in root.glob(".shard-*.tmp"):  # a killed build's partial shards
-            leftover.unlink(missing_ok=True)
+            if not _writer_alive(leftover):  # not those of a build of the same set still running (another run)
+                leftover.unlink(missing_ok=True)
         # Stamped before decoding: a file replaced during the build is then seen as changed.
         stamps = [_file_stamp(p) for p in paths]
         writer = _ShardWriter(root, len(paths), size, per_shard)
