@@ -1,6 +1,7 @@
 """FaceDataset, collate_skipping_failures and ImageCache on small real image files, one of them corrupt."""
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -148,6 +149,70 @@ def test_cache_rebuilt_when_an_image_changes(tmp_path):
     other_size = ImageCache.build_or_load(samples, SIZE + 2, cache_dir, workers=0)
     assert other_size.root not in (first.root, second.root)
     assert other_size.get(1).size == (SIZE + 2, SIZE + 2)
+
+
+def _rewrite_within_the_same_second(path: str, colour: tuple[int, int, int]) -> None:
+    """Replace an image by another of the same byte size (BMP), its mtime in the same whole second as before."""
+    second = Path(path).stat().st_mtime_ns // 1_000_000_000 * 1_000_000_000
+    Image.new("RGB", (20, 20), colour).save(path, format="BMP")
+    os.utime(path, ns=(second + 700_000_000, second + 700_000_000))
+
+
+def test_cache_never_serves_an_image_rewritten_within_the_second_of_its_stamp(tmp_path):
+    """Stamps kept whole seconds: an image replaced by one of the same size in the same second came back stale
+    from --cache_dir (and from prepared shards) for the rest of the run."""
+    path = tmp_path / "a.bmp"
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(path, format="BMP")
+    second = path.stat().st_mtime_ns // 1_000_000_000 * 1_000_000_000
+    os.utime(path, ns=(second + 100_000_000, second + 100_000_000))
+    samples = [Sample(str(path), 0)]
+    ImageCache.build_or_load(samples, SIZE, tmp_path / "cache", workers=0)
+    _rewrite_within_the_same_second(str(path), (0, 0, 255))
+    for cache in (ImageCache.build_or_load(samples, SIZE, tmp_path / "cache", workers=0),  # --cache_dir
+                  ImageCache.open(next((tmp_path / "cache").iterdir())).for_samples(samples)):  # shards
+        dataset = FaceDataset(samples, TRANSFORM, cache=cache)
+        assert tuple(np.asarray(dataset.load_image(0))[0, 0]) == (0, 0, 255)
+
+
+def test_an_index_with_whole_second_stamps_still_covers_unchanged_images(tmp_path):
+    """Sets built before nanosecond stamps keep serving their unchanged images (no rebuild needed)."""
+    import json
+    samples = make_images(tmp_path / "imgs", count=3, bad=-1)
+    cache = ImageCache.build([s.path for s in samples], SIZE, tmp_path / "set", workers=0)
+    index = cache.root / cache_module.INDEX_NAME
+    meta = json.loads(index.read_text())
+    del meta["mtime"]
+    meta["images"] = [[p, b, m // 1_000_000_000] for p, b, m in meta["images"]]
+    index.write_text(json.dumps(meta))
+    old = ImageCache.open(cache.root).for_samples(samples)
+    assert all(old.covers(i) for i in range(3))
+    Image.new("RGB", (50, 50), (9, 9, 9)).save(samples[1].path)
+    assert not ImageCache.open(cache.root).for_samples(samples).covers(1)
+
+
+def test_a_build_leaves_the_partial_shards_of_a_build_still_running_alone(tmp_path):
+    """Two runs building the same --cache_dir set at once: the second deleted the first's partial shard as a
+    killed build's leftover, and the first run then stopped (FileNotFoundError renaming it). Only the
+    leftovers of processes that no longer run are removed."""
+    import subprocess
+    import sys
+    samples = make_images(tmp_path / "imgs", count=3, bad=-1)
+    root = tmp_path / "set"
+    root.mkdir()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = root / f".shard-00000.npy.{running.pid}.tmp"
+        live.write_bytes(b"being written")
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        stale = root / f".shard-00000.npy.{dead}.tmp"
+        stale.write_bytes(b"killed build")
+        ImageCache.build([s.path for s in samples], SIZE, root, workers=0)
+        assert live.exists()
+        assert not stale.exists()
+    finally:
+        running.kill()
+        running.wait()
 
 
 def test_cache_pickles_without_its_memmap(tmp_path):

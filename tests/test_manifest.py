@@ -106,6 +106,16 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, first):
     assert [Path(s.path).name for s in read_manifest(manifest, SEED5)] == ["a.jpg", "b.jpg"]
 
 
+def test_a_manifest_that_is_not_utf8_names_file_and_line(tmp_path):
+    """A manifest saved as Latin-1 (an accented file name) is an error naming the file and the line, not a bare
+    UnicodeDecodeError; the line is right even far past the decoder's first block."""
+    touch(tmp_path / "a.jpg")
+    manifest = tmp_path / "m.txt"
+    manifest.write_bytes(b"a.jpg White\n" * 2000 + "caf\u00e9.jpg Black\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"m\.txt:2001: not UTF-8"):
+        read_manifest(manifest, SEED5)
+
+
 def test_unknown_label_names_file_and_line(tmp_path):
     touch(tmp_path / "a.jpg")
     manifest = write(tmp_path / "m.txt", "# c\na.jpg White\na.jpg Martian\n")

@@ -121,6 +121,21 @@ def test_source_weights_set_each_sources_share_of_an_epochs_draws(mix_config, tm
     assert all(abs(n / inhouse - 0.2) < 0.04 for n in classes_in_inhouse.values())
 
 
+def test_a_plain_prepare_over_a_mix_removes_its_source_weights(mix_config, tmp_path):
+    """Re-preparing a folder where a mix was prepared: training must not read the mix's weights beside the new
+    manifests (they have no source column, so it stopped with 'no sampling weight for source(s)')."""
+    out = tmp_path / "out"
+    assert cli_main(["prepare", "mix", str(mix_config), "--out", str(out)]) == 0
+    assert (out / "source_weights.yaml").is_file()
+    assert cli_main(["prepare", "folder", str(tmp_path / "tree"), "--out", str(out), "--val_fraction", "0.25"]) == 0
+    assert not (out / "source_weights.yaml").exists()
+    args = config.parse_args(["--dataset", "tree", "--checkpoint_dir", str(tmp_path / "run"), "--train_txt",
+                              str(out / "train.txt"), "--val_txt", str(out / "val.txt"), "--arch",
+                              "mobilenetv3_small_050", "--image_size", "24", "--workers", "0"])
+    assert args.source_weights is None
+    build_loaders(args, World(), RunSamples.read(args), Preprocessing(image_size=24), torch.device("cpu"))
+
+
 def test_source_weighted_needs_every_source_and_honours_zero():
     weights = source_weighted(["a"] * 30 + ["b"] * 10, {"a": 0.0, "b": 1.0}, lambda idx: None)
     order = EpochSampler(40, weights=weights).order()

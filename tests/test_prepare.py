@@ -106,6 +106,18 @@ def test_same_seed_same_files_other_seed_other_split(tree, tmp_path):
     assert any(val_text(seed, f"s{seed}") != first for seed in (1, 2, 3))
 
 
+def test_a_file_name_that_is_not_utf8_is_an_error_naming_it(tree, tmp_path):
+    """A Latin-1 file name (os gives it with surrogates) cannot go into a UTF-8 manifest: the error names the
+    file, rather than a bare UnicodeEncodeError naming nothing."""
+    import os
+    bad = os.path.join(os.fsencode(tree / "Caucasian" / "person1"), b"caf\xe9.jpg")
+    with open(bad, "wb") as f:
+        f.write(JPEG)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"not UTF-8.*person1/caf\\udce9\.jpg"):
+        P.run(parse(["folder", str(tree), "--out", str(out)]))
+
+
 def test_unknown_folder_is_an_error_naming_it(tree):
     write_image(tree / "Martian" / "p1" / "a.jpg")
     with pytest.raises(S.PrepareError, match="Martian"):
@@ -265,6 +277,28 @@ def test_fairface_missing_image_is_skipped_with_a_warning(tmp_path, caplog):
     assert len(records) == len(rows) - 1
     assert len(report["missing"]) == 1
     assert f"labels.csv:3: {tmp_path / 'ff' / rows[1][0]}" in caplog.text
+
+
+def test_fairface_csv_that_is_not_utf8_names_the_line(tmp_path):
+    """A spreadsheet's cp1252 export is an error naming the file and line, not a bare UnicodeDecodeError."""
+    csv_path = write_fairface(tmp_path / "ff", fairface_rows())
+    lines = csv_path.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].replace(".jpg", "\u00e9.jpg")
+    csv_path.write_bytes("".join(lines).encode("cp1252"))
+    with pytest.raises(S.PrepareError, match=r"labels\.csv:4: not UTF-8"):
+        S.read_fairface_csv(csv_path)
+
+
+def test_fairface_csv_with_a_quote_left_open_names_the_line(tmp_path):
+    """An open quote makes the rest of a FairFace-sized CSV one field, past csv's limit: a PrepareError naming
+    the line the row starts on, not a bare csv.Error."""
+    rows = fairface_rows(per_race=700)
+    csv_path = write_fairface(tmp_path / "ff", rows)
+    lines = csv_path.read_text().splitlines(keepends=True)
+    lines[4] = '"' + lines[4]
+    csv_path.write_text("".join(lines))
+    with pytest.raises(S.PrepareError, match=r"labels\.csv:5: malformed CSV"):
+        S.read_fairface_csv(csv_path)
 
 
 def test_fairface_csv_without_required_columns_is_an_error(tmp_path):

@@ -50,13 +50,15 @@ def _cache_key(paths: Sequence[str], size: int) -> str:
     return h.hexdigest()[:16]
 
 
-def _file_stamp(path: str) -> tuple[int, int]:
-    """(bytes, whole-second mtime) of a file, (-1, -1) when it is absent: what says it changed."""
+def _file_stamp(path: str, ns: bool = True) -> tuple[int, int]:
+    """(bytes, mtime in nanoseconds) of a file, (-1, -1) when it is absent: what says it changed. ``ns``
+    False: whole seconds, as indexes written before nanosecond stamps hold them (a file rewritten within the
+    second of a build, at the same size, then looks unchanged)."""
     try:
         st = os.stat(path)
     except OSError:
         return -1, -1
-    return st.st_size, int(st.st_mtime)
+    return st.st_size, (st.st_mtime_ns if ns else int(st.st_mtime))
 
 
 def resize_square(image: Image.Image, size: int) -> Image.Image:
@@ -84,6 +86,23 @@ class _Decode(Dataset):
 def _as_list(batch):
     # A module-level function, not a lambda: spawn/forkserver workers receive collate_fn pickled.
     return batch
+
+
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that is writing a temporary shard (``.shard-00000.npy.<pid>.tmp``) still runs."""
+    try:
+        pid = int(tmp.name.rsplit(".", 2)[-2])
+    except (ValueError, IndexError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return False  # this process builds one set at a time: its own leftover is from an aborted build
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _shard_name(k: int) -> str:
@@ -131,9 +150,10 @@ class ImageCache:
 
     def __init__(self, root: Path, size: int, per_shard: int, shards: list[str], paths: list[str],
                  errors: dict[int, str], rows: list[int] | None = None,
-                 stamps: list[tuple[int, int]] | None = None):
+                 stamps: list[tuple[int, int]] | None = None, stamps_ns: bool = True):
         self.root, self.size, self.per_shard, self.shards = Path(root), size, per_shard, shards
         self.paths, self.errors, self._stamps = paths, errors, stamps  # by stored row
+        self._stamps_ns = stamps_ns  # False: an older index's whole-second mtimes
         self.rows = list(range(len(paths))) if rows is None else rows
         self._maps: dict[int, np.ndarray] = {}
         self._pid = os.getpid()
@@ -166,12 +186,12 @@ class ImageCache:
     def for_samples(self, samples: Sequence[Sample]) -> "ImageCache":
         """This set seen by a dataset of ``samples``: each found by path. An image the set lacks, or whose
         file changed since the set was built, is read from its file (and counted in a warning)."""
-        stamps = self._stamps or [_file_stamp(p) for p in self.paths]
+        stamps = self._stamps or [_file_stamp(p, self._stamps_ns) for p in self.paths]
         by_path = {p: i for i, p in enumerate(self.paths)}
         rows, stale = [], []
         for s in samples:
             row = by_path.get(s.path, -1)
-            if row >= 0 and stamps[row] != _file_stamp(s.path):
+            if row >= 0 and stamps[row] != _file_stamp(s.path, self._stamps_ns):
                 row = -1
             if row < 0:
                 stale.append(s.path)
@@ -181,7 +201,7 @@ class ImageCache:
                         "read from their files (rebuild the shards to speed them up), e.g. %s", len(stale),
                         len(samples), self.root, "; ".join(stale[:5]))
         return ImageCache(self.root, self.size, self.per_shard, self.shards, self.paths, self.errors, rows,
-                          self._stamps)
+                          self._stamps, self._stamps_ns)
 
     # -- on disk ---------------------------------------------------------------------------------
 
@@ -196,7 +216,8 @@ class ImageCache:
         if meta.get("format") != FORMAT_VERSION:
             raise FileNotFoundError(f"{index_path}: shard format {meta.get('format')}, expected {FORMAT_VERSION}")
         return cls(root, meta["size"], meta["images_per_shard"], meta["shards"], [p for p, _, _ in meta["images"]],
-                   {int(k): v for k, v in meta["errors"].items()}, stamps=[(b, m) for _, b, m in meta["images"]])
+                   {int(k): v for k, v in meta["errors"].items()}, stamps=[(b, m) for _, b, m in meta["images"]],
+                   stamps_ns=meta.get("mtime") == "ns")
 
     @classmethod
     def build(cls, paths: Sequence[str], size: int, root: str | Path, workers: int = 2,
@@ -209,7 +230,8 @@ class ImageCache:
         # From here until the new index is written, the folder holds no complete set.
         (root / INDEX_NAME).unlink(missing_ok=True)
         for leftover in root.glob(".shard-*.tmp"):  # a killed build's partial shards
-            leftover.unlink(missing_ok=True)
+            if not _writer_alive(leftover):  # not those of a build of the same set still running (another run)
+                leftover.unlink(missing_ok=True)
         # Stamped before decoding: a file replaced during the build is then seen as changed.
         stamps = [_file_stamp(p) for p in paths]
         writer = _ShardWriter(root, len(paths), size, per_shard)
@@ -227,7 +249,7 @@ class ImageCache:
             writer.abort()
             raise
         meta = {"format": FORMAT_VERSION, "size": size, "count": len(paths), "images_per_shard": per_shard,
-                "shards": writer.names, "errors": {str(i): r for i, r in errors.items()},
+                "shards": writer.names, "errors": {str(i): r for i, r in errors.items()}, "mtime": "ns",
                 "images": [[p, b, m] for p, (b, m) in zip(paths, stamps)]}
         atomic_write_text(root / INDEX_NAME, json.dumps(meta))  # last: its presence means the set is complete
         for old in set(p.name for p in root.glob("shard-*.npy")) - set(writer.names):  # a larger set's tail
@@ -244,12 +266,14 @@ class ImageCache:
     @classmethod
     def build_or_load(cls, samples: Sequence[Sample], size: int, cache_dir: str | Path,
                       workers: int = 2) -> "ImageCache":
-        """``--cache_dir``: the shard set of exactly these images at this size, built on first use."""
+        """``--cache_dir``: the shard set of exactly these images at this size, built on first use. The key
+        knows mtimes to the second only: an image rewritten within that second at the same size is found by
+        its stamp (``for_samples``) and read from its file."""
         paths = [s.path for s in samples]
         root = Path(cache_dir) / _cache_key(paths, size)
         if (root / INDEX_NAME).is_file():
-            return cls.open(root)
-        return cls.build(paths, size, root, workers)
+            return cls.open(root).for_samples(samples)
+        return cls.build(paths, size, root, workers).for_samples(samples)
 
 
 def typical_short_side(paths: Sequence[str], sample: int = 32) -> int | None:

@@ -15,6 +15,7 @@ Every problem is reported with the manifest's file name and line number.
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from collections.abc import Iterator
@@ -110,15 +111,33 @@ def iter_manifest(path: str | Path) -> Iterator[tuple[int, str, str, dict[str, s
     path = Path(path)
     base = path.resolve().parent
     with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not path text
-        for lineno, text in enumerate(f, 1):
-            try:
-                parsed = parse_line(text)
-            except ManifestError as e:
-                raise ManifestError(f"{path}:{lineno}: {e}: {text.strip()!r}") from None
-            if parsed is not None:
-                image, label, extras = parsed
-                image_path = Path(image).expanduser()
-                yield lineno, str(image_path if image_path.is_absolute() else base / image_path), label, extras
+        try:
+            for lineno, text in enumerate(f, 1):
+                try:
+                    parsed = parse_line(text)
+                except ManifestError as e:
+                    raise ManifestError(f"{path}:{lineno}: {e}: {text.strip()!r}") from None
+                if parsed is not None:
+                    image, label, extras = parsed
+                    image_path = Path(image).expanduser()
+                    yield lineno, str(image_path if image_path.is_absolute() else base / image_path), label, extras
+        except UnicodeDecodeError as e:
+            raise ManifestError(not_utf8_message(path, e)) from None
+
+
+def not_utf8_message(path: str | Path, error: UnicodeDecodeError) -> str:
+    """'file:line: ...' for a text file that is not UTF-8 (a manifest or CSV saved as Latin-1 or cp1252): the
+    decoder reads ahead in blocks, so the line is found again in the file's bytes."""
+    data = Path(path).read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    for lineno, raw in enumerate(data.splitlines(), 1):  # \n, \r and \r\n, as text mode splits lines
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return (f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "save the file as UTF-8")
+    return f"{path}: not UTF-8 text ({error}); save the file as UTF-8"
 
 
 def manifest_image_paths(path: str | Path) -> list[str]:
@@ -130,6 +149,11 @@ def format_sample(path: str, label: str, gender: str = "", age: str = "", source
     for value, what in ((path, "path"), (label, "label"), (gender, "gender"), (age, "age"), (source, "source")):
         if "\t" in value or "\n" in value:
             raise ManifestError(f"{what} contains a tab or newline, which a manifest cannot hold: {value!r}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a file name in another encoding, as os.listdir gives it (surrogates)
+            raise ManifestError(f"{what} is not UTF-8 (a file name in another encoding?), which a manifest "
+                                f"cannot hold: {value!r}; rename it") from None
     # The source column only in mixes: other manifests keep their four columns.
     return f"{path}\t{label}\t{gender}\t{age}" + (f"\t{source}" if source else "") + "\n"
 

@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from race_classifier.data.manifest import not_utf8_message
 from race_classifier.labels import Taxonomy, UnknownLabelError, get_taxonomy
 
 log = logging.getLogger(__name__)
@@ -204,19 +205,30 @@ def read_fairface_csv(csv_path: str | Path, taxonomy: Taxonomy | str = FAIRFACE_
     # utf-8-sig: a CSV saved by a spreadsheet often starts with a byte-order mark.
     with open(csv_path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
-        columns = _fairface_columns(csv_path, next(reader, None))
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            rows += 1
-            where = f"{csv_path}:{reader.line_num}"
-            record, mangled = _fairface_record(row, columns, base, taxonomy, where)
-            if mangled:
-                fixed_ages[(mangled, record.age)] += 1
-            if not os.path.isfile(record.path):
-                missing.append(f"{where}: {record.path}")
-                continue
-            records.append(record)
+        start = 1  # the line the row being read starts on (a quoted field may span lines)
+        try:
+            columns = _fairface_columns(csv_path, next(reader, None))
+            start = reader.line_num + 1
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    start = reader.line_num + 1
+                    continue
+                rows += 1
+                where = f"{csv_path}:{reader.line_num}"
+                record, mangled = _fairface_record(row, columns, base, taxonomy, where)
+                start = reader.line_num + 1
+                if mangled:
+                    fixed_ages[(mangled, record.age)] += 1
+                if not os.path.isfile(record.path):
+                    missing.append(f"{where}: {record.path}")
+                    continue
+                records.append(record)
+        except UnicodeDecodeError as e:
+            raise PrepareError(not_utf8_message(csv_path, e)) from None
+        except csv.Error as e:
+            # e.g. a quote left open, which makes the rest of the file one field, longer than csv allows
+            raise PrepareError(f"{csv_path}:{start}: malformed CSV in the row starting on this line ({e}); "
+                               "is a quote left open?") from None
     _report_fairface(csv_path, rows, records, missing, fixed_ages)
     return records, {"csv": str(csv_path), "rows": rows, "missing": missing,
                      "fixed_ages": {bad: good for bad, good in sorted(fixed_ages)},
