@@ -209,7 +209,7 @@ class HeadLayout:
         if not d:
             return cls.race_only(race_classes)
         heads = tuple(Head(h["name"], tuple(h["classes"])) for h in d["heads"])
-        if heads[0].name != "race" or list(heads[0].classes) != list(race_classes):
+        if not heads or heads[0].name != "race" or list(heads[0].classes) != list(race_classes):
             raise HeadError("head layout does not start with the race head of the model's taxonomy")
         return cls(heads, AgeBins.parse(d["age_bins"]) if d.get("age_bins") else None)
 
