@@ -128,3 +128,10 @@ def test_a_malformed_checkpoint_is_a_clear_error_naming_the_file(tmp_path, damag
     if damage in ("no taxonomy", "no preprocessing", "string format_version"):
         with pytest.raises(CheckpointError, match="damaged.pt"):
             load_checkpoint(path)  # every command reads ckpt["taxonomy"] and ckpt["preprocessing"] after this
+
+
+def test_a_corrupt_safetensors_file_is_a_clear_error_naming_the_file(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsMismatchError, match="weights.safetensors"):
+        read_state_dict(path)
