@@ -366,7 +366,9 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, *, opset:
             if quantize:
                 report.int8_heads = _head_agreements(probs, "onnx_int8", heads)
         if labels is not None and val_samples:  # the manifest's labels are race labels: the race head's accuracy
-            report.accuracy = {name: accuracy(p, labels) for name, p in race.items()}
+            labelled = labels >= 0  # -1: no race label (a multi-task manifest's image for the other heads)
+            if labelled.any():
+                report.accuracy = {name: accuracy(p[labelled], labels[labelled]) for name, p in race.items()}
 
         _refuse_if_failed(report, max_accuracy_drop)
         final = int8_path if quantize else fp32_path
