@@ -196,3 +196,18 @@ def test_a_multitask_model_exports_with_its_own_validation_manifest(manifests, t
     predictor = load_predictor(model_path)
     probs = np.concatenate([predictor.predict_proba(x) for x, _ in preprocessed_batches(labelled, predictor.preprocessing)])
     assert report["accuracy"]["torch"] == pytest.approx(accuracy(probs, np.array([s.label for s in labelled])))
+
+
+def test_export_refuses_to_write_over_its_checkpoint_or_one_output_over_the_other(tmp_path):
+    from conftest import ARCH
+    model_path = tmp_path / "best.pt"
+    save_checkpoint(model_path, model=create_model(ARCH, 3), arch=ARCH, taxonomy=get_taxonomy("A,B,C"),
+                    preprocessing=Preprocessing(image_size=32), train_args={}, epoch=1, metrics={}, history=[])
+    before = model_path.read_bytes()
+    for output, fp32_output in ((model_path, None), (tmp_path / "m.onnx", model_path),
+                                (tmp_path / "m.onnx", tmp_path / "." / "m.onnx")):
+        with pytest.raises(ValueError, match="would overwrite"):
+            export_checkpoint(model_path, output, quantize="int8", fp32_output=fp32_output)
+    assert model_path.read_bytes() == before and not (tmp_path / "m.onnx").exists()
+    assert cli_main(["export", "--model_path", str(model_path), "--output", str(model_path)]) == 2
+    assert model_path.read_bytes() == before

@@ -328,6 +328,7 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, *, opset:
     checkpoint_path, output = Path(checkpoint_path), Path(output)
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantization {quantize!r}: only int8 is supported")
+    _refuse_overwriting(checkpoint_path, output, fp32_output)
     loaded = load_model(checkpoint_path)
     taxonomy, pre, heads = loaded.taxonomy, loaded.preprocessing, loaded.heads
     metadata = build_metadata(loaded.checkpoint, taxonomy, pre, checkpoint_path, opset, heads)
@@ -376,6 +377,18 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, *, opset:
         if fp32_output:
             atomic_write_bytes(fp32_output, fp32_path.read_bytes())
     return report
+
+
+def _refuse_overwriting(checkpoint_path: Path, output: Path, fp32_output) -> None:
+    """An output named like the checkpoint would replace the model with its export (and fp32 like the output,
+    the int8 file with the fp32 one): refused before anything is written."""
+    def same(a, b) -> bool:
+        return Path(a).resolve() == Path(b).resolve()
+    for name, path in (("--output", output), ("--fp32_output", fp32_output)):
+        if path and same(path, checkpoint_path):
+            raise ValueError(f"{name} {path} would overwrite the checkpoint being exported ({checkpoint_path})")
+    if fp32_output and same(fp32_output, output):
+        raise ValueError(f"--fp32_output {fp32_output} would overwrite --output {output}: give another file")
 
 
 def _head_agreements(probs: dict, candidate: str, heads: HeadLayout) -> dict[str, Agreement]:
