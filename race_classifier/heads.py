@@ -30,6 +30,8 @@ import torch
 HEAD_NAMES = ("race", "gender", "age")
 DEFAULT_AGE_BINS = "Child:0,Teen:13,Adult:20,Senior:60"
 UNKNOWN_VALUES = {"", "-", "?", "unknown", "na", "n/a", "none", "null"}
+# gender and age fields: "nan" too, as pandas writes a missing value (evaluation.metrics reads it so)
+_MISSING = UNKNOWN_VALUES | {"nan"}
 _GENDER_SYNONYMS = {"male": "Male", "m": "Male", "man": "Male", "female": "Female", "f": "Female",
                     "woman": "Female"}
 FAIRFACE_GENDERS = ("Male", "Female")
@@ -89,7 +91,7 @@ class AgeBins:
         """The group of a manifest's age field (``23``, ``10-19``, ``more than 70``, ``70+``, a group name),
         or None when unknown or ambiguous. Raises HeadError for text that is none of these."""
         text = str(age).strip().lower()
-        if text in UNKNOWN_VALUES:
+        if text in _MISSING:
             return None
         for i, name in enumerate(self.names):
             if text == name.lower():
@@ -105,16 +107,19 @@ class AgeBins:
                 return self.of_age(years) if years >= self.lower[-1] else None
             return self.of_age(years)
         try:
-            return self.of_age(float(text))
+            years = float(text)
         except ValueError:
             raise HeadError(f"age {age!r} is not a number, a range such as 10-19, 'more than 70' or a group "
                             f"name ({', '.join(self.names)})") from None
+        # A negative code (-1) or an infinite age is unknown, as evaluation.metrics.age_group reads it: binned,
+        # it would land in no group (index -1) or in the last one.
+        return self.of_age(years) if 0 <= years < float("inf") else None
 
 
 def canonical_gender(value: str) -> str | None:
     """'male', 'M', 'Man' -> 'Male'; unknown -> None; any other value is kept as the dataset spells it."""
     text = str(value).strip()
-    if text.lower() in UNKNOWN_VALUES:
+    if text.lower() in _MISSING:
         return None
     return _GENDER_SYNONYMS.get(text.lower(), text)
 
@@ -209,7 +214,7 @@ class HeadLayout:
         if not d:
             return cls.race_only(race_classes)
         heads = tuple(Head(h["name"], tuple(h["classes"])) for h in d["heads"])
-        if heads[0].name != "race" or list(heads[0].classes) != list(race_classes):
+        if not heads or heads[0].name != "race" or list(heads[0].classes) != list(race_classes):
             raise HeadError("head layout does not start with the race head of the model's taxonomy")
         return cls(heads, AgeBins.parse(d["age_bins"]) if d.get("age_bins") else None)
 

@@ -169,3 +169,45 @@ def test_fp32_parity_on_fairface_faces(shared_dir, tmp_path):
     assert report.n_images == 32 and report.images == "validation images"
     assert report.fp32.max_abs_diff <= FP32_TOLERANCE and report.fp32.top1_agreement == 1.0
     assert load_predictor(tmp_path / "mnv2.onnx").preprocessing.image_size == 112
+
+
+def test_a_multitask_model_exports_with_its_own_validation_manifest(manifests, tmp_path):
+    """Multi-task manifests keep images without a race label ('-', for the other heads); export reads them as
+    evaluate does: every image for parity, the race-labelled ones for accuracy."""
+    from conftest import ARCH, with_gender_and_age
+    from race_classifier.export.onnx import accuracy, preprocessed_batches
+    from race_classifier.heads import AgeBins, HeadLayout
+    taxonomy = get_taxonomy(str(manifests / "classes.txt"))
+    heads = HeadLayout.build(taxonomy.classes, ("race", "gender", "age"), ("Male", "Female"), AgeBins.parse())
+    torch.manual_seed(0)
+    model_path = tmp_path / "multitask.pt"
+    save_checkpoint(model_path, model=create_model(ARCH, heads.num_outputs), arch=ARCH, taxonomy=taxonomy,
+                    preprocessing=Preprocessing(image_size=32), train_args={}, epoch=1, metrics={}, history=[],
+                    heads=heads)
+    val_txt = tmp_path / "val.txt"
+    with_gender_and_age(manifests / "val.txt", val_txt, drop_race_every=4)
+    assert any(line.split("\t")[1] == "-" for line in val_txt.read_text().splitlines())
+    assert cli_main(["export", "--model_path", str(model_path), "--output", str(tmp_path / "model.onnx"),
+                     "--val_txt", str(val_txt), "--report_json", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    everything = read_manifest(val_txt, taxonomy, keep_unlabelled=True)
+    labelled = [s for s in everything if s.label >= 0]
+    assert report["n_images"] == len(everything) and len(labelled) < len(everything)
+    predictor = load_predictor(model_path)
+    probs = np.concatenate([predictor.predict_proba(x) for x, _ in preprocessed_batches(labelled, predictor.preprocessing)])
+    assert report["accuracy"]["torch"] == pytest.approx(accuracy(probs, np.array([s.label for s in labelled])))
+
+
+def test_export_refuses_to_write_over_its_checkpoint_or_one_output_over_the_other(tmp_path):
+    from conftest import ARCH
+    model_path = tmp_path / "best.pt"
+    save_checkpoint(model_path, model=create_model(ARCH, 3), arch=ARCH, taxonomy=get_taxonomy("A,B,C"),
+                    preprocessing=Preprocessing(image_size=32), train_args={}, epoch=1, metrics={}, history=[])
+    before = model_path.read_bytes()
+    for output, fp32_output in ((model_path, None), (tmp_path / "m.onnx", model_path),
+                                (tmp_path / "m.onnx", tmp_path / "." / "m.onnx")):
+        with pytest.raises(ValueError, match="would overwrite"):
+            export_checkpoint(model_path, output, quantize="int8", fp32_output=fp32_output)
+    assert model_path.read_bytes() == before and not (tmp_path / "m.onnx").exists()
+    assert cli_main(["export", "--model_path", str(model_path), "--output", str(model_path)]) == 2
+    assert model_path.read_bytes() == before

@@ -135,3 +135,12 @@ def test_multitask_resume_refuses_other_heads(manifests, tmp_path):
     run = tmp_path / "run"
     assert train_main(train_args(data, run, "--num_epochs", "1", "--heads", "race,gender")) == 0
     assert train_main(train_args(data, run, "--num_epochs", "2", "--heads", "race,gender,age", "--resume")) == 2
+
+
+def test_nan_and_impossible_ages_are_unknown_labels():
+    # "nan" is how pandas and str(float('nan')) write a missing value: unknown, never a Senior or a gender class
+    for missing in ("nan", "NaN"):
+        assert BINS.index(missing) is None
+        assert gender_classes(["Male", "Female", missing]) == ("Male", "Female")
+    for impossible in ("-1", "-3", "inf", "-inf"):  # unknown, as evaluation.metrics.age_group reads them
+        assert BINS.index(impossible) is None

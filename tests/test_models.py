@@ -82,3 +82,56 @@ def test_shared_efficientnet_lite0_loads_into_timm_tf_efficientnet_lite0(shared_
     assert torch.equal(model.state_dict()["conv_stem.weight"], reference["_conv_stem.weight"])
     assert torch.equal(model.state_dict()["conv_head.weight"], reference["_conv_head.weight"])
     assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)  # TF's preprocessing, picked up by training
+
+
+def _tiny_checkpoint(path):
+    from race_classifier.data.transforms import Preprocessing
+    from race_classifier.labels import Taxonomy
+    from race_classifier.models.checkpoint import save_checkpoint
+    save_checkpoint(path, model=create_model("mobilenetv3_small_050", 3), arch="mobilenetv3_small_050",
+                    taxonomy=Taxonomy("abc", ("A", "B", "C")), preprocessing=Preprocessing(image_size=32),
+                    train_args={}, epoch=1, metrics={}, history=[])
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("damage", ["no taxonomy", "no preprocessing", "other arch", "other classes",
+                                    "no state_dict", "string format_version", "bad heads", "train_args None"])
+def test_a_malformed_checkpoint_is_a_clear_error_naming_the_file(tmp_path, damage):
+    from race_classifier.models.checkpoint import CheckpointError, load_checkpoint, load_model
+    from race_classifier.models.loaders import load_predictor
+    ckpt = _tiny_checkpoint(tmp_path / "good.pt")
+    if damage == "no taxonomy":
+        del ckpt["taxonomy"]
+    elif damage == "no preprocessing":
+        ckpt["preprocessing"] = {"size": 32}
+    elif damage == "other arch":
+        ckpt["arch"] = "torchvision:resnet18"
+    elif damage == "other classes":
+        ckpt["taxonomy"] = {"name": "ab", "classes": ["A", "B"]}
+    elif damage == "no state_dict":
+        ckpt["state_dict"] = None
+    elif damage == "string format_version":
+        ckpt["format_version"] = "1"
+    elif damage == "bad heads":
+        ckpt["heads"] = {"heads": []}
+    elif damage == "train_args None":
+        ckpt["train_args"] = None
+    path = tmp_path / "damaged.pt"
+    torch.save(ckpt, path)
+    for load in (load_model, load_predictor):
+        try:
+            load(path)
+        except ValueError as e:  # CheckpointError or ModelLoadError: what the CLI reports as an error
+            assert str(path) in str(e), (damage, load.__name__, e)
+        else:
+            assert damage == "train_args None", f"{damage}: {load.__name__} loaded a damaged checkpoint"
+    if damage in ("no taxonomy", "no preprocessing", "string format_version"):
+        with pytest.raises(CheckpointError, match="damaged.pt"):
+            load_checkpoint(path)  # every command reads ckpt["taxonomy"] and ckpt["preprocessing"] after this
+
+
+def test_a_corrupt_safetensors_file_is_a_clear_error_naming_the_file(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsMismatchError, match="weights.safetensors"):
+        read_state_dict(path)

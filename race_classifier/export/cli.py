@@ -42,11 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _samples(manifest: str | None, taxonomy, limit: int | None = None, mapping=None):
+def _samples(manifest: str | None, taxonomy, limit: int | None = None, mapping=None, keep_unlabelled: bool = False):
     from race_classifier.data.manifest import read_manifest
     if not manifest:
         return None
-    samples = read_manifest(manifest, taxonomy, mapping)
+    samples = read_manifest(manifest, taxonomy, mapping, keep_unlabelled=keep_unlabelled)
     return draw(samples, limit) if limit else samples
 
 
@@ -87,10 +87,13 @@ def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.model_path)
     taxonomy = Taxonomy.from_dict(ckpt["taxonomy"])
     mapping = label_mapping(ckpt, get_taxonomy(args.source_taxonomy)) if args.source_taxonomy else None
+    # A multi-task manifest keeps images without a race label (they train and check the other heads), as
+    # evaluate reads it; their race label is -1 and race accuracy leaves them out.
+    multitask = bool(ckpt.get("heads"))
     report = export_checkpoint(
         args.model_path, args.output, opset=args.opset, quantize=args.quantize,
-        calib_samples=_samples(args.calib_txt, taxonomy, mapping=mapping),
-        val_samples=_samples(args.val_txt, taxonomy, args.max_val_images, mapping),
+        calib_samples=_samples(args.calib_txt, taxonomy, mapping=mapping, keep_unlabelled=multitask),
+        val_samples=_samples(args.val_txt, taxonomy, args.max_val_images, mapping, keep_unlabelled=multitask),
         calib_images=args.calib_images, calib_method=args.calib_method, max_accuracy_drop=args.max_accuracy_drop,
         batch_size=args.batch_size, workers=args.workers, fp32_output=args.fp32_output)
     print_report(report)

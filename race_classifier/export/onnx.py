@@ -328,6 +328,7 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, *, opset:
     checkpoint_path, output = Path(checkpoint_path), Path(output)
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantization {quantize!r}: only int8 is supported")
+    _refuse_overwriting(checkpoint_path, output, fp32_output)
     loaded = load_model(checkpoint_path)
     taxonomy, pre, heads = loaded.taxonomy, loaded.preprocessing, loaded.heads
     metadata = build_metadata(loaded.checkpoint, taxonomy, pre, checkpoint_path, opset, heads)
@@ -366,7 +367,9 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, *, opset:
             if quantize:
                 report.int8_heads = _head_agreements(probs, "onnx_int8", heads)
         if labels is not None and val_samples:  # the manifest's labels are race labels: the race head's accuracy
-            report.accuracy = {name: accuracy(p, labels) for name, p in race.items()}
+            labelled = labels >= 0  # -1: no race label (a multi-task manifest's image for the other heads)
+            if labelled.any():
+                report.accuracy = {name: accuracy(p[labelled], labels[labelled]) for name, p in race.items()}
 
         _refuse_if_failed(report, max_accuracy_drop)
         final = int8_path if quantize else fp32_path
@@ -374,6 +377,18 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, *, opset:
         if fp32_output:
             atomic_write_bytes(fp32_output, fp32_path.read_bytes())
     return report
+
+
+def _refuse_overwriting(checkpoint_path: Path, output: Path, fp32_output) -> None:
+    """An output named like the checkpoint would replace the model with its export (and fp32 like the output,
+    the int8 file with the fp32 one): refused before anything is written."""
+    def same(a, b) -> bool:
+        return Path(a).resolve() == Path(b).resolve()
+    for name, path in (("--output", output), ("--fp32_output", fp32_output)):
+        if path and same(path, checkpoint_path):
+            raise ValueError(f"{name} {path} would overwrite the checkpoint being exported ({checkpoint_path})")
+    if fp32_output and same(fp32_output, output):
+        raise ValueError(f"--fp32_output {fp32_output} would overwrite --output {output}: give another file")
 
 
 def _head_agreements(probs: dict, candidate: str, heads: HeadLayout) -> dict[str, Agreement]:

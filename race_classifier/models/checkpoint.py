@@ -34,6 +34,7 @@ from race_classifier.utils import atomic_torch_save
 
 FORMAT = "race-classifier-checkpoint"
 FORMAT_VERSION = 1
+REQUIRED_KEYS = ("arch", "state_dict", "taxonomy", "preprocessing")
 
 
 class CheckpointError(ValueError):
@@ -75,9 +76,21 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a checkpoint that can be loaded safely ({e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a race-classifier checkpoint (no '{FORMAT}' format marker)")
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+    version = ckpt.get("format_version", 0)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: malformed checkpoint: format_version {version!r} is not a number")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {ckpt['format_version']} is newer than this "
                               f"version of race-classifier understands ({FORMAT_VERSION})")
+    # Every command reads these right after loading: a file without them is refused here, by name.
+    missing = [key for key in REQUIRED_KEYS if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: malformed checkpoint: no {', '.join(missing)}")
+    try:
+        Taxonomy.from_dict(ckpt["taxonomy"])
+        Preprocessing.from_dict(ckpt["preprocessing"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed checkpoint: unreadable taxonomy or preprocessing ({e!r})") from None
     return ckpt
 
 
@@ -96,8 +109,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     taxonomy = Taxonomy.from_dict(ckpt["taxonomy"])
     try:
         heads = HeadLayout.from_dict(ckpt.get("heads"), taxonomy.classes)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, IndexError) as e:
         raise CheckpointError(f"{path}: malformed head layout ({e})") from None
+    try:
+        model = _rebuild(ckpt, taxonomy, heads)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        # A foreign or damaged file (another architecture, other classes, missing weights): say which file.
+        raise CheckpointError(f"{path}: the model in this checkpoint cannot be rebuilt "
+                              f"(arch {ckpt.get('arch')!r}): {e}") from None
+    model.to(device).eval()
+    return LoadedModel(model, taxonomy, Preprocessing.from_dict(ckpt["preprocessing"]), ckpt, heads)
+
+
+def _rebuild(ckpt: dict, taxonomy: Taxonomy, heads: HeadLayout) -> nn.Module:
     merge = ckpt.get("merged_classes")
     trained_outputs = heads.num_outputs + (len(merge["table"]) - taxonomy.num_classes if merge else 0)
     if ckpt.get("ensemble"):
@@ -110,5 +134,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         from race_classifier.models.merged import MergedRaceClasses
         model = MergedRaceClasses(model, merge["table"], taxonomy.num_classes, merge.get("temperature", 1.0),
                                   merge.get("offsets"))
-    model.to(device).eval()
-    return LoadedModel(model, taxonomy, Preprocessing.from_dict(ckpt["preprocessing"]), ckpt, heads)
+    return model

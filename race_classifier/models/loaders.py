@@ -216,7 +216,7 @@ def _from_checkpoint(path: Path, device: torch.device, amp_dtype: torch.dtype | 
     info = {"path": str(path), "kind": "race-classifier checkpoint", "arch": ckpt["arch"],
             "taxonomy": loaded.taxonomy.name, "classes": ", ".join(loaded.taxonomy.classes),
             "preprocessing": loaded.preprocessing.to_dict(), "epoch": ckpt.get("epoch"),
-            "dataset": ckpt.get("train_args", {}).get("dataset"),
+            "dataset": (ckpt.get("train_args") or {}).get("dataset"),
             "training metrics": {k: v for k, v in (ckpt.get("metrics") or {}).items()
                                  if k in ("val_accuracy", "val_balanced_accuracy", "val_loss")}}
     if loaded.heads.extra:
