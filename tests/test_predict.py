@@ -358,3 +358,15 @@ def test_large_face_is_supersampled_without_shifting():
     # PIL's resize maps pixel centres: chip pixel p is big pixel 3p + 1.
     out = np.asarray(align_face(big, chip_template(224) * 3 + 1, {"aligned": True, "margin": 0.25}, 224))
     assert np.abs(out[4:-4, 4:-4].astype(int) - chip[4:-4, 4:-4]).mean() < 1.0
+
+
+def test_unreadable_pil_image_is_an_error_result_and_the_rest_go_on(model, pattern_images):
+    """A PIL image decodes lazily: a truncated one fails only when its pixels are read, inside the pipeline.
+    That is one image's error result, as for an unreadable path, not an exception that ends the batch."""
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    truncated = Image.open(io.BytesIO(buf.getvalue()[:len(buf.getvalue()) // 2]))
+    results = Classifier.load(model, detect=False).predict_batch([pattern_images[0], truncated, pattern_images[1]])
+    assert [r.status for r in results] == ["ok", "error", "ok"]
+    assert "truncated" in results[1].error

@@ -97,7 +97,10 @@ def to_rgb_array(x, channels: str | None = None) -> np.ndarray:
     if isinstance(x, (str, Path)):
         return np.asarray(load_rgb(x))
     if isinstance(x, Image.Image):
-        return np.asarray(_to_rgb(ImageOps.exif_transpose(x)))  # exif_transpose drops the tag: no double turn
+        try:  # a PIL image decodes lazily: truncated or corrupt data fails only here
+            return np.asarray(_to_rgb(ImageOps.exif_transpose(x)))  # exif_transpose drops the tag: no double turn
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise ImageLoadError(_describe(x), f"unreadable image ({e})") from None
     if isinstance(x, np.ndarray):
         return _array_to_rgb(x, channels)
     raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(x).__name__}")
