@@ -370,3 +370,28 @@ def test_unreadable_pil_image_is_an_error_result_and_the_rest_go_on(model, patte
     results = Classifier.load(model, detect=False).predict_batch([pattern_images[0], truncated, pattern_images[1]])
     assert [r.status for r in results] == ["ok", "error", "ok"]
     assert "truncated" in results[1].error
+
+
+def test_annotated_video_is_written_atomically(model, pattern_images, tmp_path):
+    """The annotated copy appears under its name only once complete: never half a video, during the run or
+    after one that failed part-way (and no temporary file is left behind)."""
+    from race_classifier.inference.video import predict_video
+    clip = make_clip(tmp_path / "clip.avi", [Image.open(p).convert("RGB").resize((160, 120)) for p in pattern_images],
+                     repeat=3)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    annotated = out_dir / "annotated.avi"
+    clf = Classifier.load(model)
+    seen = []
+    result = predict_video(clf, str(clip), annotate=annotated, on_frame=lambda f: seen.append(annotated.exists()))
+    assert result.frames_read == 9 and not any(seen)
+    assert frame_count(annotated) == 9 and [p.name for p in out_dir.iterdir()] == ["annotated.avi"]
+
+    failed = out_dir / "failed.avi"
+
+    def fail_at_frame_4(item):
+        if item.frame == 4:
+            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        predict_video(clf, str(clip), annotate=failed, on_frame=fail_at_frame_4)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["annotated.avi"]
