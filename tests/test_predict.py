@@ -395,3 +395,26 @@ def test_annotated_video_is_written_atomically(model, pattern_images, tmp_path):
     with pytest.raises(RuntimeError, match="interrupted"):
         predict_video(clf, str(clip), annotate=failed, on_frame=fail_at_frame_4)
     assert sorted(p.name for p in out_dir.iterdir()) == ["annotated.avi"]
+
+
+@pytest.mark.parametrize("source", [0, "0"])
+def test_camera_index_is_opened_as_a_camera(source, monkeypatch):
+    """predict_video / open_capture take a camera index as an int or as a string of digits (the CLI's)."""
+    import cv2
+
+    from race_classifier.inference.video import open_capture
+    opened = []
+
+    class NoCamera:
+        def __init__(self, index):
+            opened.append(index)
+
+        def isOpened(self):
+            return False
+
+        def release(self):
+            pass
+    monkeypatch.setattr(cv2, "VideoCapture", NoCamera)
+    with pytest.raises(ValueError, match="no such camera"):
+        open_capture(source)
+    assert opened == [0]

@@ -49,10 +49,11 @@ def open_capture(source: str | int):
     import cv2
     if isinstance(source, str) and source.isdigit():
         source = int(source)
-    elif not Path(str(source)).is_file():
+    elif not isinstance(source, int) and not Path(str(source)).is_file():
         raise FileNotFoundError(f"video not found: {source}")
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
+        cap.release()
         raise ValueError(f"cannot open video {source!r} (not a video OpenCV can decode, or no such camera)")
     return cap
 
