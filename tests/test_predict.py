@@ -418,3 +418,19 @@ def test_camera_index_is_opened_as_a_camera(source, monkeypatch):
     with pytest.raises(ValueError, match="no such camera"):
         open_capture(source)
     assert opened == [0]
+
+
+def test_a_list_that_is_not_utf8_is_refused_naming_it_and_its_line(model, tmp_path, caplog):
+    from race_classifier.inference.cli import expand_inputs
+    listed = tmp_path / "list.txt"
+    listed.write_bytes("a.jpg\nCaf\xe9.jpg\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"list\.txt: line 2 is not UTF-8"):
+        expand_inputs([str(listed)])
+
+    class Latin1Stdin:
+        def read(self):
+            return b"a.jpg\nCaf\xe9.jpg\n".decode("utf-8")  # as sys.stdin does under a UTF-8 locale
+    with pytest.raises(ValueError, match="standard input"):
+        expand_inputs(["-"], stdin=Latin1Stdin())
+    assert predict(listed, "--model", model) == 2
+    assert "list.txt: line 2" in caplog.text
