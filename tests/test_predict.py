@@ -434,3 +434,20 @@ def test_a_list_that_is_not_utf8_is_refused_naming_it_and_its_line(model, tmp_pa
         expand_inputs(["-"], stdin=Latin1Stdin())
     assert predict(listed, "--model", model) == 2
     assert "list.txt: line 2" in caplog.text
+
+
+def test_transparent_array_is_composited_as_the_same_image_given_as_pil_or_a_file(tmp_path):
+    """Transparency is composited on mid-grey (``image_io._to_rgb``) for a file or a PIL image; an RGBA / BGRA
+    array is the same image, so it must give the same pixels, not its colour channels with alpha dropped."""
+    from race_classifier.inference.classifier import to_rgb_array
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, size=(16, 16, 4), dtype=np.uint8)
+    rgba[:8, :, 3] = 0  # top half fully transparent
+    path = tmp_path / "t.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    expected = to_rgb_array(path)
+    assert (expected[:8] == 128).all()
+    np.testing.assert_array_equal(to_rgb_array(Image.fromarray(rgba, "RGBA")), expected)
+    np.testing.assert_array_equal(to_rgb_array(rgba, channels="RGBA"), expected)
+    bgra = np.ascontiguousarray(rgba[:, :, [2, 1, 0, 3]])
+    np.testing.assert_array_equal(to_rgb_array(bgra, channels="BGRA"), expected)

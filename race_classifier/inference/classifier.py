@@ -116,8 +116,11 @@ def _array_to_rgb(a: np.ndarray, channels: str | None) -> np.ndarray:
     # Stated explicitly: OpenCV gives BGR, PIL/matplotlib RGB, and a wrong guess silently changes skin tones.
     if channels is None or channels.upper() not in CHANNEL_ORDERS:
         raise ValueError(f"say the array's channel order: channels='RGB' or 'BGR' (got {channels!r})")
-    a = a[:, :, :3]
-    return np.ascontiguousarray(a[:, :, ::-1] if channels.upper().startswith("BGR") else a)
+    if channels.upper().startswith("BGR"):
+        a = a[:, :, [2, 1, 0, 3]] if a.shape[2] == 4 else a[:, :, ::-1]
+    if a.shape[2] == 4:  # transparency composited on mid-grey, as for a file or a PIL image (_to_rgb)
+        return np.asarray(_to_rgb(Image.fromarray(np.ascontiguousarray(a), "RGBA")))
+    return np.ascontiguousarray(a)
 
 
 def _describe(x) -> str:
