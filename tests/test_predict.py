@@ -395,6 +395,8 @@ def test_annotated_video_is_written_atomically(model, pattern_images, tmp_path):
     with pytest.raises(RuntimeError, match="interrupted"):
         predict_video(clf, str(clip), annotate=failed, on_frame=fail_at_frame_4)
     assert sorted(p.name for p in out_dir.iterdir()) == ["annotated.avi"]
+    with pytest.raises(ValueError, match="folder"):
+        predict_video(clf, str(clip), annotate=out_dir)
 
 
 @pytest.mark.parametrize("source", [0, "0"])

@@ -61,6 +61,8 @@ def open_capture(source: str | int):
 def _temporary_path(path: str | Path) -> Path:
     """A new file beside ``path``, with its suffix (OpenCV picks the container by it), to be renamed onto it."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write video {path}: it is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
