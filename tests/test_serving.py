@@ -349,3 +349,10 @@ def test_decompression_bomb_refused_by_concurrent_decodes_without_touching_globa
         t.join(20)
     assert results == {"A": (20, 20), "B": (413, "too_many_pixels")}
     assert warnings.filters == before
+
+
+def test_an_invalid_query_parameter_is_refused_in_the_documented_error_format(client, images):
+    """Every refusal is {"error": code, "detail": text} (README, /docs), FastAPI's own validation errors too."""
+    r = client.post("/v1/predict?abstain=maybe", content=images[0], headers={"content-type": "image/png"})
+    detail = error(r, 422, "invalid_parameter")
+    assert "abstain" in detail and "maybe" in detail
