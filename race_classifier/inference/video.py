@@ -115,11 +115,11 @@ def predict_video(clf: Classifier, source: str | int, *, every: int = 1, annotat
     fps_in = cap.get(cv2.CAP_PROP_FPS) or 0.0
     result = VideoResult(str(source), source_fps=fps_in or None)
     writer, latest = None, None
-    # The annotated copy is written beside its name and renamed onto it once complete: never half a video.
-    partial = _temporary_path(annotate) if annotate else None
-    done = False
+    partial, done = None, False
     started = time.perf_counter()
     try:
+        # The annotated copy is written beside its name and renamed onto it once complete: never half a video.
+        partial = _temporary_path(annotate) if annotate else None
         while max_frames is None or result.frames_read < max_frames:
             ok, frame = cap.read()
             if not ok:
