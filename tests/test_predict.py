@@ -358,3 +358,98 @@ def test_large_face_is_supersampled_without_shifting():
     # PIL's resize maps pixel centres: chip pixel p is big pixel 3p + 1.
     out = np.asarray(align_face(big, chip_template(224) * 3 + 1, {"aligned": True, "margin": 0.25}, 224))
     assert np.abs(out[4:-4, 4:-4].astype(int) - chip[4:-4, 4:-4]).mean() < 1.0
+
+
+def test_unreadable_pil_image_is_an_error_result_and_the_rest_go_on(model, pattern_images):
+    """A PIL image decodes lazily: a truncated one fails only when its pixels are read, inside the pipeline.
+    That is one image's error result, as for an unreadable path, not an exception that ends the batch."""
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    truncated = Image.open(io.BytesIO(buf.getvalue()[:len(buf.getvalue()) // 2]))
+    results = Classifier.load(model, detect=False).predict_batch([pattern_images[0], truncated, pattern_images[1]])
+    assert [r.status for r in results] == ["ok", "error", "ok"]
+    assert "truncated" in results[1].error
+
+
+def test_annotated_video_is_written_atomically(model, pattern_images, tmp_path):
+    """The annotated copy appears under its name only once complete: never half a video, during the run or
+    after one that failed part-way (and no temporary file is left behind)."""
+    from race_classifier.inference.video import predict_video
+    clip = make_clip(tmp_path / "clip.avi", [Image.open(p).convert("RGB").resize((160, 120)) for p in pattern_images],
+                     repeat=3)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    annotated = out_dir / "annotated.avi"
+    clf = Classifier.load(model)
+    seen = []
+    result = predict_video(clf, str(clip), annotate=annotated, on_frame=lambda f: seen.append(annotated.exists()))
+    assert result.frames_read == 9 and not any(seen)
+    assert frame_count(annotated) == 9 and [p.name for p in out_dir.iterdir()] == ["annotated.avi"]
+
+    failed = out_dir / "failed.avi"
+
+    def fail_at_frame_4(item):
+        if item.frame == 4:
+            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        predict_video(clf, str(clip), annotate=failed, on_frame=fail_at_frame_4)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["annotated.avi"]
+    with pytest.raises(ValueError, match="folder"):
+        predict_video(clf, str(clip), annotate=out_dir)
+
+
+@pytest.mark.parametrize("source", [0, "0"])
+def test_camera_index_is_opened_as_a_camera(source, monkeypatch):
+    """predict_video / open_capture take a camera index as an int or as a string of digits (the CLI's)."""
+    import cv2
+
+    from race_classifier.inference.video import open_capture
+    opened = []
+
+    class NoCamera:
+        def __init__(self, index):
+            opened.append(index)
+
+        def isOpened(self):
+            return False
+
+        def release(self):
+            pass
+    monkeypatch.setattr(cv2, "VideoCapture", NoCamera)
+    with pytest.raises(ValueError, match="no such camera"):
+        open_capture(source)
+    assert opened == [0]
+
+
+def test_a_list_that_is_not_utf8_is_refused_naming_it_and_its_line(model, tmp_path, caplog):
+    from race_classifier.inference.cli import expand_inputs
+    listed = tmp_path / "list.txt"
+    listed.write_bytes("a.jpg\nCaf\xe9.jpg\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"list\.txt: line 2 is not UTF-8"):
+        expand_inputs([str(listed)])
+
+    class Latin1Stdin:
+        def read(self):
+            return b"a.jpg\nCaf\xe9.jpg\n".decode("utf-8")  # as sys.stdin does under a UTF-8 locale
+    with pytest.raises(ValueError, match="standard input"):
+        expand_inputs(["-"], stdin=Latin1Stdin())
+    assert predict(listed, "--model", model) == 2
+    assert "list.txt: line 2" in caplog.text
+
+
+def test_transparent_array_is_composited_as_the_same_image_given_as_pil_or_a_file(tmp_path):
+    """Transparency is composited on mid-grey (``image_io._to_rgb``) for a file or a PIL image; an RGBA / BGRA
+    array is the same image, so it must give the same pixels, not its colour channels with alpha dropped."""
+    from race_classifier.inference.classifier import to_rgb_array
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, size=(16, 16, 4), dtype=np.uint8)
+    rgba[:8, :, 3] = 0  # top half fully transparent
+    path = tmp_path / "t.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    expected = to_rgb_array(path)
+    assert (expected[:8] == 128).all()
+    np.testing.assert_array_equal(to_rgb_array(Image.fromarray(rgba, "RGBA")), expected)
+    np.testing.assert_array_equal(to_rgb_array(rgba, channels="RGBA"), expected)
+    bgra = np.ascontiguousarray(rgba[:, :, [2, 1, 0, 3]])
+    np.testing.assert_array_equal(to_rgb_array(bgra, channels="BGRA"), expected)

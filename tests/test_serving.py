@@ -306,3 +306,53 @@ def test_page_uploads_a_photo_and_shows_boxes_labels_and_bars(browser, face_app,
     assert boxes == 4 and len(cards) == 4 and width == 640
     assert all(label.strip() in [c.strip() for c in classes] + ["uncertain"] for label in labels)
     assert len(bars) == 4 * len(classes)
+
+
+def test_decompression_bomb_refused_by_concurrent_decodes_without_touching_global_warnings(monkeypatch):
+    """Uploads are decoded in worker threads at once. ``warnings.catch_warnings`` is not thread-safe: when one
+    decode left its block it took away the other's "bomb warning is an error" filter (that upload was then
+    decoded), and the last to leave put its own filter back process-wide. The limit must hold either way."""
+    import warnings
+
+    from race_classifier.serving import limits as limits_module
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL warns over 1000 pixels, refuses over 2000
+    small, bomb = encode(Image.new("RGB", (20, 20))), encode(Image.new("RGB", (40, 40)))  # 400 and 1600 pixels
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    real_open = Image.open
+
+    def open_in_turn(fp, *args, **kwargs):  # A opens, then B enters, A finishes, then B opens its bomb
+        if threading.current_thread().name == "A":
+            a_in.set()
+            b_in.wait(10)
+        else:
+            b_in.set()
+            a_done.wait(10)
+        return real_open(fp, *args, **kwargs)
+    monkeypatch.setattr(Image, "open", open_in_turn)
+    before = list(warnings.filters)
+    results = {}
+
+    def decode(name, data):
+        try:
+            results[name] = limits_module.decode_image(data, max_pixels=10**9).size
+        except limits_module.ApiError as e:
+            results[name] = (e.status, e.code)
+        finally:
+            if name == "A":
+                a_done.set()
+    threads = [threading.Thread(target=decode, args=("A", small), name="A")]
+    threads[0].start()
+    assert a_in.wait(10)
+    threads.append(threading.Thread(target=decode, args=("B", bomb), name="B"))
+    threads[1].start()
+    for t in threads:
+        t.join(20)
+    assert results == {"A": (20, 20), "B": (413, "too_many_pixels")}
+    assert warnings.filters == before
+
+
+def test_an_invalid_query_parameter_is_refused_in_the_documented_error_format(client, images):
+    """Every refusal is {"error": code, "detail": text} (README, /docs), FastAPI's own validation errors too."""
+    r = client.post("/v1/predict?abstain=maybe", content=images[0], headers={"content-type": "image/png"})
+    detail = error(r, 422, "invalid_parameter")
+    assert "abstain" in detail and "maybe" in detail

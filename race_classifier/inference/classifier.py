@@ -97,7 +97,10 @@ def to_rgb_array(x, channels: str | None = None) -> np.ndarray:
     if isinstance(x, (str, Path)):
         return np.asarray(load_rgb(x))
     if isinstance(x, Image.Image):
-        return np.asarray(_to_rgb(ImageOps.exif_transpose(x)))  # exif_transpose drops the tag: no double turn
+        try:  # a PIL image decodes lazily: truncated or corrupt data fails only here
+            return np.asarray(_to_rgb(ImageOps.exif_transpose(x)))  # exif_transpose drops the tag: no double turn
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise ImageLoadError(_describe(x), f"unreadable image ({e})") from None
     if isinstance(x, np.ndarray):
         return _array_to_rgb(x, channels)
     raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(x).__name__}")
@@ -113,8 +116,11 @@ def _array_to_rgb(a: np.ndarray, channels: str | None) -> np.ndarray:
     # Stated explicitly: OpenCV gives BGR, PIL/matplotlib RGB, and a wrong guess silently changes skin tones.
     if channels is None or channels.upper() not in CHANNEL_ORDERS:
         raise ValueError(f"say the array's channel order: channels='RGB' or 'BGR' (got {channels!r})")
-    a = a[:, :, :3]
-    return np.ascontiguousarray(a[:, :, ::-1] if channels.upper().startswith("BGR") else a)
+    if channels.upper().startswith("BGR"):
+        a = a[:, :, [2, 1, 0, 3]] if a.shape[2] == 4 else a[:, :, ::-1]
+    if a.shape[2] == 4:  # transparency composited on mid-grey, as for a file or a PIL image (_to_rgb)
+        return np.asarray(_to_rgb(Image.fromarray(np.ascontiguousarray(a), "RGBA")))
+    return np.ascontiguousarray(a)
 
 
 def _describe(x) -> str:

@@ -90,6 +90,16 @@ def _list_file_paths(lines, base: Path) -> list[str]:
     return out
 
 
+def _read_list(path: Path) -> list[str]:
+    """The lines of a .txt list of paths; one that is not UTF-8 is refused naming the file and the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text (a list of image paths, one a line)") from None
+
+
 def expand_inputs(inputs: list[str], stdin=None) -> list[str]:
     """Image paths from files, folders (recursive, sorted), .txt lists and '-' (a list on ``stdin``).
     A listed file that does not exist is kept: it becomes an error row."""
@@ -97,11 +107,15 @@ def expand_inputs(inputs: list[str], stdin=None) -> list[str]:
     for item in inputs:
         p = Path(item)
         if item == "-":
-            paths += _list_file_paths((stdin or sys.stdin).read().splitlines(), Path.cwd())
+            try:
+                text = (stdin or sys.stdin).read()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"standard input: the list of paths is not UTF-8 text ({e})") from None
+            paths += _list_file_paths(text.splitlines(), Path.cwd())
         elif p.is_dir():
             paths += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         elif p.suffix.lower() == ".txt" and p.is_file():
-            paths += _list_file_paths(p.read_text(encoding="utf-8").splitlines(), p.parent)
+            paths += _list_file_paths(_read_list(p), p.parent)
         else:
             paths.append(item)
     return paths

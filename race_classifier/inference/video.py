@@ -8,6 +8,8 @@ processed per second of wall time.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from race_classifier.inference.classifier import Classifier, FacePrediction, ImagePrediction
+from race_classifier.utils import _umask
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +49,34 @@ def open_capture(source: str | int):
     import cv2
     if isinstance(source, str) and source.isdigit():
         source = int(source)
-    elif not Path(str(source)).is_file():
+    elif not isinstance(source, int) and not Path(str(source)).is_file():
         raise FileNotFoundError(f"video not found: {source}")
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
+        cap.release()
         raise ValueError(f"cannot open video {source!r} (not a video OpenCV can decode, or no such camera)")
     return cap
 
 
-def _writer(path: str | Path, fps: float, size: tuple[int, int]):
+def _temporary_path(path: str | Path) -> Path:
+    """A new file beside ``path``, with its suffix (OpenCV picks the container by it), to be renamed onto it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write video {path}: it is a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
+    return Path(tmp)
+
+
+def _writer(path: str | Path, fps: float, size: tuple[int, int], shown: str | Path | None = None):
     import cv2
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fourcc = "MJPG" if path.suffix.lower() == ".avi" else "mp4v"
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
     if not writer.isOpened():
-        raise ValueError(f"cannot write video {path} with codec {fourcc} (use .mp4 or .avi)")
+        raise ValueError(f"cannot write video {shown or path} with codec {fourcc} (use .mp4 or .avi)")
     return writer
 
 
@@ -100,8 +115,11 @@ def predict_video(clf: Classifier, source: str | int, *, every: int = 1, annotat
     fps_in = cap.get(cv2.CAP_PROP_FPS) or 0.0
     result = VideoResult(str(source), source_fps=fps_in or None)
     writer, latest = None, None
+    partial, done = None, False
     started = time.perf_counter()
     try:
+        # The annotated copy is written beside its name and renamed onto it once complete: never half a video.
+        partial = _temporary_path(annotate) if annotate else None
         while max_frames is None or result.frames_read < max_frames:
             ok, frame = cap.read()
             if not ok:
@@ -117,12 +135,18 @@ def predict_video(clf: Classifier, source: str | int, *, every: int = 1, annotat
                     on_frame(item)
             if annotate:
                 if writer is None:
-                    writer = _writer(annotate, fps_in or 25.0, (frame.shape[1], frame.shape[0]))
+                    writer = _writer(partial, fps_in or 25.0, (frame.shape[1], frame.shape[0]), shown=annotate)
                 writer.write(draw(frame, latest))
+        done = True
     finally:
         cap.release()
         if writer is not None:
             writer.release()
+        if partial is not None:
+            if done and writer is not None:
+                os.replace(partial, annotate)
+            else:
+                partial.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - started
     if result.frames_read == 0:
         raise ValueError(f"no frames could be read from {source!r}")

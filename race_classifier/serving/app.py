@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image
 from starlette.datastructures import UploadFile
@@ -264,6 +265,14 @@ def create_app(classifier: Classifier, limits: Limits | None = None, *, model_ca
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse({"error": e.code, "detail": e.detail}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(_request: Request, e: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 body is a list of objects; every refusal here is {"error": code, "detail": text}.
+        detail = "; ".join(f"{err['loc'][0]} parameter {err['loc'][-1]!r}: {err.get('msg', 'invalid')}"
+                           + (f" (got {err['input']!r})" if isinstance(err.get("input"), (str, int, float)) else "")
+                           if len(err.get("loc") or ()) >= 2 else str(err.get("msg", err)) for err in e.errors())
+        return JSONResponse({"error": "invalid_parameter", "detail": detail or "invalid request"}, status_code=422)
 
     @app.post("/v1/predict", summary="faces in one image", openapi_extra=PREDICT_DOC, responses=_ERRORS,
               description="Boxes, landmarks, labels, confidences and probabilities of each face (and its gender "
