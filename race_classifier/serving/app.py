@@ -215,6 +215,15 @@ def docs_page(schema: dict) -> str:
 
 # --- the app --------------------------------------------------------------------------------------------
 
+def _describe_invalid(err: dict) -> str:
+    """One FastAPI validation error as a phrase: "query parameter 'abstain': <why> (got 'maybe')"."""
+    loc, why = err.get("loc") or (), err.get("msg", "invalid")
+    if len(loc) < 2:
+        return str(why)
+    got = err.get("input")
+    return f"{loc[0]} parameter {loc[-1]!r}: {why}" + (f" (got {got!r})" if isinstance(got, (str, int, float)) else "")
+
+
 def create_app(classifier: Classifier, limits: Limits | None = None, *, model_card: str | None = None) -> FastAPI:
     """The service for ``classifier``. ``model_card``: its text; default the MODEL_CARD.md beside the model."""
     limits = limits or Limits()
@@ -269,9 +278,7 @@ def create_app(classifier: Classifier, limits: Limits | None = None, *, model_ca
     @app.exception_handler(RequestValidationError)
     async def invalid_parameter(_request: Request, e: RequestValidationError) -> JSONResponse:
         # FastAPI's own 422 body is a list of objects; every refusal here is {"error": code, "detail": text}.
-        detail = "; ".join(f"{err['loc'][0]} parameter {err['loc'][-1]!r}: {err.get('msg', 'invalid')}"
-                           + (f" (got {err['input']!r})" if isinstance(err.get("input"), (str, int, float)) else "")
-                           if len(err.get("loc") or ()) >= 2 else str(err.get("msg", err)) for err in e.errors())
+        detail = "; ".join(_describe_invalid(err) for err in e.errors())
         return JSONResponse({"error": "invalid_parameter", "detail": detail or "invalid request"}, status_code=422)
 
     @app.post("/v1/predict", summary="faces in one image", openapi_extra=PREDICT_DOC, responses=_ERRORS,
