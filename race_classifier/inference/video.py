@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from race_classifier.inference.classifier import Classifier, FacePrediction, ImagePrediction
-from race_classifier.utils import _umask
+from race_classifier.utils import sibling_temp_file
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +59,9 @@ def open_capture(source: str | int):
 
 def _temporary_path(path: str | Path) -> Path:
     """A new file beside ``path``, with its suffix (OpenCV picks the container by it), to be renamed onto it."""
-    path = Path(path)
-    if path.is_dir():
+    if Path(path).is_dir():
         raise ValueError(f"cannot write video {path}: it is a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
-    return Path(tmp)
+    return sibling_temp_file(path, suffix=f".tmp{Path(path).suffix}")
 
 
 def _writer(path: str | Path, fps: float, size: tuple[int, int], shown: str | Path | None = None):
