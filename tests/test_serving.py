@@ -308,6 +308,30 @@ def test_page_uploads_a_photo_and_shows_boxes_labels_and_bars(browser, face_app,
     assert len(bars) == 4 * len(classes)
 
 
+def test_page_shows_a_refusal_that_is_not_json_as_an_error(browser, crop_classifier, images, tmp_path):
+    """A proxy, or uvicorn at its connection limit, answers 503 in plain text: the page says so, instead of
+    a JSON parse error."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from starlette.responses import PlainTextResponse
+    app = create_app(crop_classifier, LIMITS)
+
+    @app.middleware("http")
+    async def overloaded(request, call_next):
+        if request.url.path == "/v1/predict":
+            return PlainTextResponse("Service Unavailable", status_code=503)
+        return await call_next(request)
+    path = tmp_path / "pattern.png"
+    path.write_bytes(images[0])
+    with serve_in_thread(app) as url:
+        browser.get(url + "/")
+        WebDriverWait(browser, 30).until(lambda d: "classes:" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "file").send_keys(str(path))
+        WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.state") == "done")
+        status = browser.find_element(By.ID, "status").text
+    assert status == "Error: HTTP 503 Service Unavailable", status
+
+
 def test_decompression_bomb_refused_by_concurrent_decodes_without_touching_global_warnings(monkeypatch):
     """Uploads are decoded in worker threads at once. ``warnings.catch_warnings`` is not thread-safe: when one
     decode left its block it took away the other's "bomb warning is an error" filter (that upload was then
