@@ -284,18 +284,24 @@ def browser(tmp_path):
         driver.quit()
 
 
+def upload_in_page(browser, url: str, path: Path) -> str:
+    """Open the page, choose ``path`` as the photo, wait until it is done; the status line it shows."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda d: "classes:" in d.find_element(By.ID, "model").text)
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.state") == "done")
+    return browser.find_element(By.ID, "status").text
+
+
 @FAIRFACE
 def test_page_uploads_a_photo_and_shows_boxes_labels_and_bars(browser, face_app, photo, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
     path = tmp_path / "group.jpg"
     path.write_bytes(photo[0])
     with serve_in_thread(face_app) as url:
-        browser.get(url + "/")
-        WebDriverWait(browser, 30).until(lambda d: "classes:" in d.find_element(By.ID, "model").text)
-        browser.find_element(By.ID, "file").send_keys(str(path))
-        WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.state") == "done")
-        status = browser.find_element(By.ID, "status").text
+        status = upload_in_page(browser, url, path)
         cards = browser.find_elements(By.CSS_SELECTOR, "#faces .face")
         boxes = browser.execute_script("return window.rcBoxesDrawn")
         width = browser.execute_script("return document.getElementById('canvas').width")
@@ -311,8 +317,6 @@ def test_page_uploads_a_photo_and_shows_boxes_labels_and_bars(browser, face_app,
 def test_page_shows_a_refusal_that_is_not_json_as_an_error(browser, crop_classifier, images, tmp_path):
     """A proxy, or uvicorn at its connection limit, answers 503 in plain text: the page says so, instead of
     a JSON parse error."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
     from starlette.responses import PlainTextResponse
     app = create_app(crop_classifier, LIMITS)
 
@@ -324,11 +328,7 @@ def test_page_shows_a_refusal_that_is_not_json_as_an_error(browser, crop_classif
     path = tmp_path / "pattern.png"
     path.write_bytes(images[0])
     with serve_in_thread(app) as url:
-        browser.get(url + "/")
-        WebDriverWait(browser, 30).until(lambda d: "classes:" in d.find_element(By.ID, "model").text)
-        browser.find_element(By.ID, "file").send_keys(str(path))
-        WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.state") == "done")
-        status = browser.find_element(By.ID, "status").text
+        status = upload_in_page(browser, url, path)
     assert status == "Error: HTTP 503 Service Unavailable", status
 
 
