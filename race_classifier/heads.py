@@ -30,8 +30,8 @@ import torch
 HEAD_NAMES = ("race", "gender", "age")
 DEFAULT_AGE_BINS = "Child:0,Teen:13,Adult:20,Senior:60"
 UNKNOWN_VALUES = {"", "-", "?", "unknown", "na", "n/a", "none", "null"}
-# gender and age fields: "nan" too, as pandas writes a missing value (evaluation.metrics reads it so)
-_MISSING = UNKNOWN_VALUES | {"nan"}
+# gender and age fields (here and in evaluation.metrics): "nan" too, as pandas writes a missing value
+MISSING_VALUES = UNKNOWN_VALUES | {"nan"}
 _GENDER_SYNONYMS = {"male": "Male", "m": "Male", "man": "Male", "female": "Female", "f": "Female",
                     "woman": "Female"}
 FAIRFACE_GENDERS = ("Male", "Female")
@@ -91,7 +91,7 @@ class AgeBins:
         """The group of a manifest's age field (``23``, ``10-19``, ``more than 70``, ``70+``, a group name),
         or None when unknown or ambiguous. Raises HeadError for text that is none of these."""
         text = str(age).strip().lower()
-        if text in _MISSING:
+        if text in MISSING_VALUES:
             return None
         for i, name in enumerate(self.names):
             if text == name.lower():
@@ -119,7 +119,7 @@ class AgeBins:
 def canonical_gender(value: str) -> str | None:
     """'male', 'M', 'Man' -> 'Male'; unknown -> None; any other value is kept as the dataset spells it."""
     text = str(value).strip()
-    if text.lower() in _MISSING:
+    if text.lower() in MISSING_VALUES:
         return None
     return _GENDER_SYNONYMS.get(text.lower(), text)
 

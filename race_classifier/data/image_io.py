@@ -2,16 +2,10 @@
 and every failure (missing, corrupt, truncated, decompression bomb) is an ImageLoadError naming the file."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
-
-# PIL's own guard (about 89 Mpx) stays; its warning between 1x and 2x that limit becomes an error too,
-# since a face crop that large is an accident or an attack either way.
-MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
-
 
 class ImageLoadError(Exception):
     def __init__(self, path, reason: str):
@@ -43,20 +37,30 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...
 
 
+def refuse_decompression_bomb(im: Image.Image) -> None:
+    """Raise PIL's DecompressionBombError for an image over PIL's pixel limit (about 89 Mpx) where PIL itself
+    only warns (1x to 2x the limit): a face image that large is an accident or an attack either way. Checked by hand, not by turning the warning into an error with
+    ``warnings.catch_warnings()``: that swaps process-wide state and is not thread-safe (the server decodes
+    uploads in several threads at once)."""
+    width, height = im.size
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(f"image of {width}x{height} = {width * height} pixels is over "
+                                           f"PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels")
+
+
 def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
     """Open ``path`` as an 8-bit RGB PIL image, upright by its EXIF orientation.
 
     ``draft_size`` lets the JPEG decoder skip detail that a resize to that size would discard.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if draft_size and im.format == "JPEG":
-                    im.draft("RGB", (draft_size, draft_size))
-                im = ImageOps.exif_transpose(im)
-                im.load()
-                return _to_rgb(im)
+        with Image.open(path) as im:  # reads the header only; over 2x PIL's limit it raises
+            refuse_decompression_bomb(im)
+            if draft_size and im.format == "JPEG":
+                im.draft("RGB", (draft_size, draft_size))
+            im = ImageOps.exif_transpose(im)
+            im.load()
+            return _to_rgb(im)
     except FileNotFoundError:
         raise ImageLoadError(path, "file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

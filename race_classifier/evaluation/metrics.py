@@ -74,9 +74,9 @@ def age_group(value) -> str:
     """FairFace age range of ``value``: ranges ('3-9', 'more than 70') pass through; integer ages
     (UTKFace) are binned into FairFace's ranges (70 and over -> 'more than 70'); unknown ('-', 'unknown', NaN,
     a negative code such as -1) -> ''."""
-    from race_classifier.heads import UNKNOWN_VALUES
+    from race_classifier.heads import MISSING_VALUES
     text = "" if value is None else str(value).strip()
-    if text.lower() in UNKNOWN_VALUES | {"nan"}:
+    if text.lower() in MISSING_VALUES:
         return ""
     try:
         age = float(text)

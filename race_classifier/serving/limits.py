@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-from race_classifier.data.image_io import _to_rgb
+from race_classifier.data.image_io import _to_rgb, refuse_decompression_bomb
 
 MB = 1024 * 1024
 
@@ -59,17 +59,12 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ApiError(422, "empty_image", "the image is empty (0 bytes)")
     try:
-        # No warnings.catch_warnings() here: it swaps process-wide state and is not thread-safe, and uploads are
-        # decoded in worker threads at once. PIL's bomb warning (1x to 2x its limit) is refused explicitly.
         im = Image.open(io.BytesIO(data))  # reads the header only; over 2x PIL's limit it raises
         width, height = im.size
         if width * height > max_pixels:  # refused before a single pixel is decoded
             raise ApiError(413, "too_many_pixels", f"image of {width}x{height} = {width * height} pixels "
                            f"is over the limit of {max_pixels} pixels")
-        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-            raise ApiError(413, "too_many_pixels", f"refused as a possible decompression bomb (image of "
-                           f"{width}x{height} = {width * height} pixels is over PIL's limit of "
-                           f"{Image.MAX_IMAGE_PIXELS} pixels)")
+        refuse_decompression_bomb(im)
         im = ImageOps.exif_transpose(im)
         im.load()  # decodes here, so truncated data fails here
         return _to_rgb(im)
