@@ -91,8 +91,9 @@ def _match_by_position(state: dict, own: dict, head: str) -> dict | None:
     return {k: v for k, (_, v) in zip(ours, theirs)}
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a pretrained state dict, leaving out the classifier; any other mismatch is an error."""
+def load_backbone_weights(model: nn.Module, path: str | Path) -> bool:
+    """Load a pretrained state dict, leaving out the classifier; any other mismatch is an error. Returns
+    whether the classifier was left fresh (the file's has another shape or is absent)."""
     state = read_state_dict(path)
     own = model.state_dict()
     head = classifier_prefix(model)
@@ -115,6 +116,18 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     fresh = [k for k in own if k.startswith(head + ".") and k not in usable]
     log.info("loaded %d pretrained tensors from %s (%s)", len(usable), path,
              f"classifier '{head}' initialised fresh" if fresh else f"classifier '{head}' included: it has this shape")
+    return bool(fresh)
+
+
+def init_fine_tuning_classifier(model: nn.Module) -> None:
+    """Start a new classifier on a pretrained backbone small: N(0, 0.01), bias 0 (torchvision's own
+    classifier init). timm initialises for training from scratch; EfficientNet's uniform +-1/sqrt(classes)
+    gives logits in the tens on pretrained features (first losses above 4 on FairFace), whose large
+    gradients reach the backbone during warm-up."""
+    head = model.get_submodule(classifier_prefix(model))
+    nn.init.normal_(head.weight, std=0.01)
+    if getattr(head, "bias", None) is not None:
+        nn.init.zeros_(head.bias)
 
 
 def create_model(arch: str, num_classes: int, pretrained: str | None = None, drop_rate: float = 0.0) -> nn.Module:
@@ -131,8 +144,10 @@ def create_model(arch: str, num_classes: int, pretrained: str | None = None, dro
         raise
     except ValueError as e:
         raise ValueError(f"unknown architecture {arch!r} ({e})") from None
-    if is_file:
-        load_backbone_weights(model, pretrained)
+    fresh_head = load_backbone_weights(model, pretrained) if is_file else bool(pretrained)
+    # torchvision's classifiers already start this way; re-drawing them would change the seeded recipes.
+    if fresh_head and not arch.startswith(TORCHVISION_PREFIX):
+        init_fine_tuning_classifier(model)
     return model
 
 
