@@ -84,6 +84,33 @@ def test_shared_efficientnet_lite0_loads_into_timm_tf_efficientnet_lite0(shared_
     assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)  # TF's preprocessing, picked up by training
 
 
+def test_a_new_classifier_on_a_pretrained_timm_backbone_starts_small(tmp_path):
+    # timm's EfficientNet init (uniform +-1/sqrt(classes)) is for training from scratch; on pretrained
+    # features it gave logits in the tens. A fresh classifier starts near zero; a file's own one is kept.
+    torch.manual_seed(0)
+    source = create_model("tf_efficientnet_lite0", 1000)
+    path = tmp_path / "imagenet.pth"
+    torch.save(source.state_dict(), path)
+    model = create_model("tf_efficientnet_lite0", 7, pretrained=str(path)).eval()
+    assert float(model.classifier.weight.std()) == pytest.approx(0.01, rel=0.1)
+    assert not model.classifier.bias.any()
+    scratch = create_model("tf_efficientnet_lite0", 7)  # no pretrained backbone: timm's init stands
+    assert float(scratch.classifier.weight.std()) > 0.1
+    with torch.no_grad():  # on the same features, logits an order of magnitude smaller than timm's init gives
+        features = model.forward_head(model.forward_features(torch.randn(4, 3, 64, 64)), pre_logits=True)
+        assert model.classifier(features).std() < scratch.classifier(features).std() / 10
+    same_shape = create_model("tf_efficientnet_lite0", 1000, pretrained=str(path))
+    assert torch.equal(same_shape.classifier.weight, source.classifier.weight)
+    # torchvision's classifiers already start small and are not re-drawn: seeded runs stay as they were.
+    torch.manual_seed(1)
+    plain = create_model("torchvision:mobilenet_v2", 7)
+    vision = tmp_path / "mnv2.pth"
+    torch.save(create_model("torchvision:mobilenet_v2", 1000).state_dict(), vision)
+    torch.manual_seed(1)
+    loaded = create_model("torchvision:mobilenet_v2", 7, pretrained=str(vision))
+    assert torch.equal(plain.classifier[1].weight, loaded.classifier[1].weight)
+
+
 def _tiny_checkpoint(path):
     from race_classifier.data.transforms import Preprocessing
     from race_classifier.labels import Taxonomy
