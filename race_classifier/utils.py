@@ -83,7 +83,7 @@ def progress_bar(iterable, desc: str, unit: str = "batch", every_s: float = 60.0
 
 
 def add_amp_argument(parser) -> None:
-    """--amp for the commands that run a model file (predict, evaluate, soft-labels): models.loaders.AMP_DTYPES."""
+    """--amp for the commands that run a model file (predict, serve, evaluate, soft-labels): models.loaders.AMP_DTYPES."""
     parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
                         help="run a PyTorch model under autocast: bf16 is about 2x faster on CPUs with bf16 units and "
                              "on GPUs, fp16 is CUDA only; probabilities move by ~0.003 on average. ONNX "

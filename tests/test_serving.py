@@ -225,6 +225,26 @@ def test_serve_describes_a_model_file_without_metadata_as_predict_does(checkpoin
     assert info["preprocessing"]["image_size"] == 32 and info["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
 
 
+def test_serve_runs_the_model_as_told_tta_and_precision(checkpoint, images):
+    """serve --tta --amp bf16 answers what Classifier.load with those options answers, and says so in
+    /v1/model; precision the device cannot run is refused when the server starts."""
+    from race_classifier.models.loaders import ModelLoadError
+    from race_classifier.serving.cli import build_app
+    args = build_parser().parse_args(["serve", "--model", str(checkpoint), "--no-detect", "--tta", "--amp", "bf16"])
+    app, _ = build_app(args)
+    with TestClient(app) as c:
+        served = c.post("/v1/predict", content=images[0], headers={"content-type": "image/png"}).json()
+        info = c.get("/v1/model").json()["info"]
+    assert info["tta"] != "none" and "bf16" in str(info)
+    same = Classifier.load(checkpoint, detect=False, tta=True, amp="bf16").predict(Image.open(io.BytesIO(images[0])))
+    plain = Classifier.load(checkpoint, detect=False).predict(Image.open(io.BytesIO(images[0])))
+    got = served["faces"][0]["probabilities"]
+    assert got == pytest.approx(same.faces[0].probabilities, abs=1e-6)
+    assert got != pytest.approx(plain.faces[0].probabilities, abs=1e-6)
+    with pytest.raises(ModelLoadError, match="fp16 needs a CUDA device"):
+        build_app(build_parser().parse_args(["serve", "--model", str(checkpoint), "--amp", "fp16"]))
+
+
 # --- real faces ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -43,8 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, help="label faces below this confidence 'uncertain'")
     p.add_argument("--abstain", action="store_true", help="label faces below the model's stored abstention "
                    "threshold 'uncertain' (fitted on validation data; --min-confidence, if given, wins)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average each face's probabilities "
-                   "with its horizontal mirror's (two model passes per face)")
     p.add_argument("--batch-size", type=int, default=32, help="face crops per model call, across images")
     p.add_argument("--detect-size", type=int, default=480,
                    help="longer side photos are shrunk to for detection (crops come from the full image)")
@@ -55,12 +53,19 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--annotate", help="write an annotated copy of the video (.mp4 or .avi)")
     g.add_argument("--max-frames", type=int, help="stop after this many frames (e.g. for a camera)")
     add_metadata_arguments(p)
-    p.add_argument("--device", default="cpu")
-    add_amp_argument(p)
+    add_runtime_arguments(p)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for the classifier (default 1: on a shared 2-core machine a second thread "
                         "made it ~5x slower, 306 vs 54 ms a photo; raise it on a dedicated machine)")
     return p
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """How the model runs; predict and serve."""
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average each face's probabilities "
+                   "with its horizontal mirror's (two model passes per face)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (PyTorch models; ONNX runs on the CPU)")
+    add_amp_argument(p)
 
 
 def add_metadata_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
 """``race-classifier serve``: the HTTP service and its web page (FastAPI + uvicorn).
 
     race-classifier serve --model model.onnx --host 127.0.0.1 --port 8000 [--workers 2] [--abstain]
+    race-classifier serve --model best.pt --device cuda --amp fp16 [--tta]
 
 Open http://127.0.0.1:8000/ for the page, /docs for the API (offline), /openapi.json for its schema.
 """
@@ -13,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from race_classifier.inference.cli import add_metadata_arguments
+from race_classifier.inference.cli import add_metadata_arguments, add_runtime_arguments
 from race_classifier.serving.limits import MB
 
 log = logging.getLogger("race_classifier.serve")
@@ -35,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "abstention threshold 'uncertain' (a request's ?abstain=0/1 overrides)")
     p.add_argument("--detect-size", type=int, default=480, help="longer side photos are shrunk to for detection")
     add_metadata_arguments(p)
+    add_runtime_arguments(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per inference (see predict --help)")
     p.add_argument("--log-level", default="info", help="uvicorn's log level")
     return p
@@ -47,7 +49,8 @@ def build_app(args):
     limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_batch=args.max_batch,
                     workers=args.workers, queue=args.queue)
     classifier = Classifier.load(args.model, labels=args.labels, image_size=args.image_size, mean=args.mean,
-                                 std=args.std, detect=not args.no_detect, min_face=args.min_face,
+                                 std=args.std, device=args.device, tta=args.tta, amp=args.amp,
+                                 detect=not args.no_detect, min_face=args.min_face,
                                  min_confidence=args.min_confidence, abstain=args.abstain,
                                  detect_size=args.detect_size)
     return create_app(classifier, limits), limits
