@@ -290,6 +290,16 @@ def test_compare_joins_on_path_and_drops_errors():
     assert shuffled["overall"][0]["diff"] == reference["overall"][0]["diff"]
 
 
+def test_compare_counts_an_image_listed_twice_as_evaluate_does():
+    a, b = _better_pair(30)
+    twice_a, twice_b = pd.concat([a, a.iloc[[5]]], ignore_index=True), pd.concat([b, b.iloc[[5]]], ignore_index=True)
+    result = compare_predictions(twice_a, twice_b.sample(frac=1, random_state=0), CLASSES, n_boot=10)
+    assert (result["n_common"], result["n_only_a"], result["n_only_b"]) == (31, 0, 0)
+    assert result["overall"][0]["a"] == pytest.approx((twice_a["y_pred"] == twice_a["y_true"]).mean())
+    once_in_b = compare_predictions(twice_a, b, CLASSES, n_boot=10)  # the second listing has no partner
+    assert (once_in_b["n_common"], once_in_b["n_only_a"]) == (30, 1)
+
+
 def test_compare_rejects_mismatched_or_disjoint_tables():
     a, b = _better_pair(30)
     with pytest.raises(ValueError, match="y_true"):

@@ -41,12 +41,11 @@ def mcnemar_exact(correct_a, correct_b) -> tuple[int, int, float]:
 
 def pair_predictions(df_a: pd.DataFrame, df_b: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.DataFrame, dict]:
     """(paired rows both models read, counts): inner join on path; columns y_true, y_pred_a, y_pred_b,
-    gender, age (A's value, B's where A's is empty). Counts: n_common, n_dropped, n_only_a, n_only_b."""
+    gender, age (A's value, B's where A's is empty). Counts: n_common, n_dropped, n_only_a, n_only_b.
+    A path listed more than once (as evaluate counts it) pairs its n-th listing in A with its n-th in B."""
     a, b = normalize_predictions(df_a, classes), normalize_predictions(df_b, classes)
-    for name, frame in (("A", a), ("B", b)):
-        if frame["path"].duplicated().any():
-            raise ValueError(f"model {name}'s predictions repeat a path: the join would double-count images")
-    joined = a.merge(b, on="path", how="inner", suffixes=("_a", "_b"))
+    a["listing"], b["listing"] = a.groupby("path").cumcount(), b.groupby("path").cumcount()
+    joined = a.merge(b, on=["path", "listing"], how="inner", suffixes=("_a", "_b"))
     if (joined["y_true_a"] != joined["y_true_b"]).any():
         raise ValueError("the two tables disagree on y_true for some images: not the same labels")
     kept = joined[~(joined["is_error_a"] | joined["is_error_b"])].reset_index(drop=True)
