@@ -109,9 +109,13 @@ def get_taxonomy(spec: str | list[str] | Taxonomy) -> Taxonomy:
                      "a file of class names, or a comma-separated list")
 
 
+def class_file_text(taxonomy: Taxonomy) -> str:
+    return f"# taxonomy: {taxonomy.name}\n" + "".join(c + "\n" for c in taxonomy.classes)
+
+
 def write_class_file(taxonomy: Taxonomy, path: str | Path) -> None:
     from race_classifier.utils import atomic_write_text
-    atomic_write_text(path, f"# taxonomy: {taxonomy.name}\n" + "".join(c + "\n" for c in taxonomy.classes))
+    atomic_write_text(path, class_file_text(taxonomy))
 
 
 @dataclass(frozen=True)

@@ -28,17 +28,38 @@ def sibling_temp_file(path: str | Path, suffix: str = ".tmp") -> Path:
     return Path(tmp)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
+def _synced_temp_copy(path: str | Path, data: bytes) -> Path:
+    """``data`` in a new temporary file beside ``path``, flushed to disk (removed again if writing fails)."""
     tmp = sibling_temp_file(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
+    atomic_write_set({path: data})
+
+
+def atomic_write_set(files: dict[str | Path, str | bytes]) -> None:
+    """Replace several files as one set, as nearly as a file system allows: every content (str or bytes) is
+    written and synced to a temporary file first, and only then are they all renamed into place, so a failure
+    while writing (a full disk) leaves every file as it was."""
+    temps: dict[str | Path, Path] = {}
+    try:
+        for path, content in files.items():
+            temps[path] = _synced_temp_copy(path, content.encode("utf-8") if isinstance(content, str) else content)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -106,6 +106,30 @@ def test_same_seed_same_files_other_seed_other_split(tree, tmp_path):
     assert any(val_text(seed, f"s{seed}") != first for seed in (1, 2, 3))
 
 
+def test_a_failed_write_leaves_the_previous_set_whole(tree, tmp_path, monkeypatch):
+    """A full disk while writing classes.txt (the last of the three) must not leave a new train.txt and
+    val.txt beside the old classes.txt: the folder keeps its previous set, and no temporary file."""
+    import errno
+    import os
+    out = tmp_path / "out"
+    P.prepare(S.scan_folder_tree(tree), out, "seed5", "seed5", val_fraction=0.25, seed=0)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    real_fsync, calls = os.fsync, []
+
+    def fsync_until_disk_full(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync_until_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        P.prepare(S.scan_folder_tree(tree), out, "seed5", "seed5", val_fraction=0.25, seed=1)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    P.prepare(S.scan_folder_tree(tree), out, "seed5", "seed5", val_fraction=0.25, seed=1)
+    assert (out / "val.txt").read_bytes() != before["val.txt"]  # the other seed's split, written whole
+
+
 def test_a_file_name_that_is_not_utf8_is_an_error_naming_it(tree, tmp_path):
     """A Latin-1 file name (os gives it with surrogates) cannot go into a UTF-8 manifest: the error names the
     file, rather than a bare UnicodeEncodeError naming nothing."""

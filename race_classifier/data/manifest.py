@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from race_classifier.heads import UNKNOWN_VALUES
-from race_classifier.labels import LabelMapping, Taxonomy, UnknownLabelError
-from race_classifier.utils import atomic_write_text
+from race_classifier.labels import LabelMapping, Taxonomy, UnknownLabelError, class_file_text
+from race_classifier.utils import atomic_write_text, atomic_write_set
 
 EXTRA_COLUMNS = ("gender", "age", "source")
 log = logging.getLogger(__name__)
@@ -158,8 +158,27 @@ def format_sample(path: str, label: str, gender: str = "", age: str = "", source
     return f"{path}\t{label}\t{gender}\t{age}" + (f"\t{source}" if source else "") + "\n"
 
 
-def write_manifest(path: str | Path, rows: list[tuple[str, ...]]) -> None:
-    """Write (path, class name, gender, age[, source]) rows atomically, tab-separated with a header comment."""
+def manifest_text(rows: list[tuple[str, ...]]) -> str:
+    """(path, class name, gender, age[, source]) rows, tab-separated, under a header comment."""
     with_source = any(len(row) > 4 and row[4] for row in rows)
     header = "# path\tlabel\tgender\tage" + ("\tsource" if with_source else "") + "\n"
-    atomic_write_text(path, header + "".join(format_sample(*row) for row in rows))
+    return header + "".join(format_sample(*row) for row in rows)
+
+
+def write_manifest(path: str | Path, rows: list[tuple[str, ...]]) -> None:
+    atomic_write_text(path, manifest_text(rows))
+
+
+def write_manifest_set(out_dir: str | Path, train_rows: list[tuple[str, ...]], val_rows: list[tuple[str, ...]],
+                       taxonomy: Taxonomy, also: dict[str, str | None] | None = None) -> None:
+    """train.txt, val.txt, classes.txt (and ``also``: file name -> text, or None to remove that file) replaced
+    together: a failure while writing them leaves the folder's previous set whole, never a mix of two."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts = {out_dir / "train.txt": manifest_text(train_rows), out_dir / "val.txt": manifest_text(val_rows),
+             out_dir / "classes.txt": class_file_text(taxonomy)}
+    texts.update({out_dir / name: text for name, text in (also or {}).items() if text is not None})
+    atomic_write_set(texts)
+    for name, text in (also or {}).items():
+        if text is None:
+            (out_dir / name).unlink(missing_ok=True)

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import yaml
 
-from race_classifier.data.manifest import write_manifest
+from race_classifier.data.manifest import write_manifest_set
 from race_classifier.data.sources import (FAIRFACE_TAXONOMY, UTKFACE_TAXONOMY, PrepareError, Record,
                                           read_fairface_csv, read_manifest_records, resolve_fairface_source,
                                           scan_folder_tree, scan_utkface)
-from race_classifier.labels import Taxonomy, UnknownLabelError, get_mapping, get_taxonomy, load_label_map, write_class_file
-from race_classifier.utils import atomic_write_text
+from race_classifier.labels import Taxonomy, UnknownLabelError, get_mapping, get_taxonomy, load_label_map
+
 
 SOURCE_KINDS = ("fairface", "utkface", "folder", "manifest")
 WEIGHTS_FILE = "source_weights.yaml"
@@ -198,23 +198,18 @@ def prepare_mix(config: MixConfig, out_dir: str | Path) -> dict:
             "train": len(source_train), "val": len(source_val),
             "validation": "given" if given_val is not None else "split"}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = lambda records: [(r.path, r.label, r.gender, r.age, r.source) for r in records]  # noqa: E731
-    write_manifest(out_dir / "train.txt", rows(train))
-    write_manifest(out_dir / "val.txt", rows(val))
-    write_class_file(config.taxonomy, out_dir / "classes.txt")
-    weights_file = out_dir / WEIGHTS_FILE
+    weights = None  # no weights: a previous mix's file is removed, it must not apply to this one
     if config.weights is not None:
-        atomic_write_text(weights_file, "# share of each epoch's training draws per source (prepare mix)\n"
-                          + yaml.safe_dump(config.weights, sort_keys=False))
-    else:
-        weights_file.unlink(missing_ok=True)  # a previous mix's weights must not apply to this one
+        weights = ("# share of each epoch's training draws per source (prepare mix)\n"
+                   + yaml.safe_dump(config.weights, sort_keys=False))
+    write_manifest_set(out_dir, rows(train), rows(val), config.taxonomy, also={WEIGHTS_FILE: weights})
     in_train, in_val = Counter(r.label for r in train), Counter(r.label for r in val)
     return {"out_dir": str(out_dir), "target_taxonomy": config.taxonomy.name, "sources": per_source,
             "counts": {c: {"train": in_train[c], "val": in_val[c]} for c in config.taxonomy.classes},
             "train": len(train), "val": len(val), "weights": config.weights,
             "files": [str(out_dir / n) for n in ("train.txt", "val.txt", "classes.txt")]
-            + ([str(weights_file)] if config.weights else [])}
+            + ([str(out_dir / WEIGHTS_FILE)] if config.weights else [])}
 
 
 def format_mix_summary(summary: dict) -> str:

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from race_classifier.labels import (DEFAULT_TAXONOMY, LabelMapping, Taxonomy, UnknownLabelError, get_mapping,
-                                    get_taxonomy, load_label_map, write_class_file)
+                                    get_taxonomy, load_label_map)
 from race_classifier.data.cache import IMAGES_PER_SHARD
-from race_classifier.data.manifest import write_manifest
+from race_classifier.data.manifest import write_manifest_set
 from race_classifier.data.mix import WEIGHTS_FILE, format_mix_summary, load_mix_config, prepare_mix
 from race_classifier.data.shards import build_prepared_shards, format_shard_summary, parse_sizes
 from race_classifier.data.sources import (FAIRFACE_TAXONOMY, FAIRFACE_VAL_CSV, UTKFACE_TAXONOMY, PrepareError,
@@ -137,13 +137,9 @@ def prepare(records: list[Record], out_dir: str | Path, source_taxonomy: Taxonom
         _warn_shared_identities(train, val)
     _warn_classes_without_val(target, train, val)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_manifest(out_dir / "train.txt", [_row(r) for r in train])
-    write_manifest(out_dir / "val.txt", [_row(r) for r in val])
-    write_class_file(target, out_dir / "classes.txt")
     # These manifests have no source column: a weights file left by an earlier `prepare mix` into this folder
     # would be read by training as its default --source_weights, and stop it.
-    (out_dir / WEIGHTS_FILE).unlink(missing_ok=True)
+    write_manifest_set(out_dir, [_row(r) for r in train], [_row(r) for r in val], target, also={WEIGHTS_FILE: None})
     return _summary(out_dir, source, target, mapping, train, val, dropped,
                     "split" if val_records is None else "given", val_fraction, seed)
 
