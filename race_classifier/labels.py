@@ -113,10 +113,6 @@ def class_file_text(taxonomy: Taxonomy) -> str:
     return f"# taxonomy: {taxonomy.name}\n" + "".join(c + "\n" for c in taxonomy.classes)
 
 
-def write_class_file(taxonomy: Taxonomy, path: str | Path) -> None:
-    from race_classifier.utils import atomic_write_text
-    atomic_write_text(path, class_file_text(taxonomy))
-
 
 @dataclass(frozen=True)
 class LabelMapping:

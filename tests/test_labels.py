@@ -11,7 +11,7 @@ from race_classifier.labels import (
     get_taxonomy,
     load_label_map,
     normalize_label,
-    write_class_file,
+    class_file_text,
 )
 
 SEED5 = get_taxonomy("seed5")
@@ -142,9 +142,9 @@ def test_user_taxonomy_from_plain_class_file(tmp_path):
     assert taxonomy.classes == ("Red", "Green", "Blue")
 
 
-def test_class_file_written_by_write_class_file_keeps_its_name(tmp_path):
+def test_class_file_text_keeps_the_taxonomy_name(tmp_path):
     path = tmp_path / "classes.txt"
-    write_class_file(FAIRFACE7, path)
+    path.write_text(class_file_text(FAIRFACE7), encoding="utf-8")
     assert path.read_text(encoding="utf-8").splitlines()[0] == "# taxonomy: fairface7"
     again = get_taxonomy(str(path))
     assert again.name == "fairface7"
