@@ -97,11 +97,11 @@ def _writer_alive(tmp: Path) -> bool:
     if pid <= 0 or pid == os.getpid():
         return False  # this process builds one set at a time: its own leftover is from an aborted build
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists (PermissionError: it does, not ours)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 

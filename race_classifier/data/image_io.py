@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+
 class ImageLoadError(Exception):
     def __init__(self, path, reason: str):
         super().__init__(f"{path}: {reason}")
@@ -39,9 +40,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def refuse_decompression_bomb(im: Image.Image) -> None:
     """Raise PIL's DecompressionBombError for an image over PIL's pixel limit (about 89 Mpx) where PIL itself
-    only warns (1x to 2x the limit): a face image that large is an accident or an attack either way. Checked by hand, not by turning the warning into an error with
-    ``warnings.catch_warnings()``: that swaps process-wide state and is not thread-safe (the server decodes
-    uploads in several threads at once)."""
+    only warns (1x to 2x the limit): a face image that large is an accident or an attack either way. Checked
+    by hand, not by turning the warning into an error with ``warnings.catch_warnings()``: that swaps
+    process-wide state and is not thread-safe (the server decodes uploads in several threads at once)."""
     width, height = im.size
     if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
         raise Image.DecompressionBombError(f"image of {width}x{height} = {width * height} pixels is over "
