@@ -113,7 +113,6 @@ def class_file_text(taxonomy: Taxonomy) -> str:
     return f"# taxonomy: {taxonomy.name}\n" + "".join(c + "\n" for c in taxonomy.classes)
 
 
-
 @dataclass(frozen=True)
 class LabelMapping:
     """Maps class indices of ``source`` to class indices of ``target``; None drops the class."""

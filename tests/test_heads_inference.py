@@ -303,6 +303,7 @@ def test_onnx_matches_pytorch_per_head_on_the_pattern_images(onnx_model, calibra
         for head in want:
             assert np.abs(got[head] - want[head]).max() <= FP32_TOLERANCE, head
     a, b = (c.predict_batch(pattern_images) for c in (torch_clf, onnx_clf))
+
     def labels(results):
         return [(r.faces[0].gender, r.faces[0].age_group) for r in results]
     assert labels(a) == labels(b)

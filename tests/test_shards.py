@@ -181,7 +181,6 @@ def test_training_on_prepared_shards_matches_training_on_the_cache(tmp_path, cap
     assert rows["files"]["val_loss"] != rows["shards"]["val_loss"]  # the originals differ: the switch worked
 
 
-
 @pytest.mark.parametrize("image_size", [SIZE, 28])  # 28: the images' own size, where the old cache upscaled
 def test_validation_in_training_sees_the_pixels_evaluation_makes_of_the_files(tmp_path, image_size):
     """Training validates on cached or sharded images; they must be exactly the tensors evaluation (and so the

@@ -19,6 +19,7 @@ from race_classifier.training.train import main as train_main
 
 from conftest import ARCH, REPO, train_args
 
+
 def read_log(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

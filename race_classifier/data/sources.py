@@ -327,7 +327,6 @@ def scan_utkface(folder: str | Path) -> tuple[list[Record], list[str]]:
     return records, problems
 
 
-
 # ------------------------------------------------------------------------------------------ manifest
 
 def read_manifest_records(manifest: str | Path, taxonomy: Taxonomy | str) -> list[Record]:
