@@ -75,8 +75,9 @@ def test_per_class_by_hand(report):
     assert [rows[c]["accuracy"]["value"] for c in CLASSES] == pytest.approx([0.5, 2 / 3, 1.0])
     assert [rows[c]["precision"] for c in CLASSES] == pytest.approx([2 / 3, 2 / 3, 3 / 4])
     assert [rows[c]["f1"] for c in CLASSES] == pytest.approx([4 / 7, 2 / 3, 6 / 7])
-    # Class C is always right: every resample that draws a C image gives recall 1.
-    assert rows["C"]["accuracy"]["ci_low"] == rows["C"]["accuracy"]["ci_high"] == 1.0
+    # Class C is right 3 of 3: its Wilson interval is [0.438, 1], not the bootstrap's point [1, 1].
+    assert rows["C"]["accuracy"]["ci_low"] == pytest.approx(0.4385, abs=1e-4)
+    assert rows["C"]["accuracy"]["ci_high"] == 1.0
 
 
 def test_log_loss_and_ece_by_hand(report):
@@ -122,6 +123,52 @@ def test_class_without_support():
     assert result["macro_f1"] == pytest.approx(44 / 63)
     assert result["confusion_matrix_normalized"][3] is None
     json.dumps(result, allow_nan=False)
+
+
+# Wilson score 95% intervals, from the closed form (p + z²/2n ± z √(p(1-p)/n + z²/4n²)) / (1 + z²/n), z = 1.96:
+# 0 of 6: [0, 0.3903]; 6 of 6: [0.6097, 1]; 1 of 1: [0.2065, 1].
+WILSON_0_OF_6, WILSON_6_OF_6, WILSON_1_OF_1 = (0.0, 0.3903), (0.6097, 1.0), (0.2065, 1.0)
+
+
+@pytest.mark.parametrize("k, n, expected", [(0, 6, WILSON_0_OF_6), (6, 6, WILSON_6_OF_6), (1, 1, WILSON_1_OF_1)])
+def test_wilson_interval_pinned(k, n, expected):
+    estimate = metrics.wilson_ci(k, n)
+    assert estimate["value"] == pytest.approx(k / n)
+    assert (estimate["ci_low"], estimate["ci_high"]) == pytest.approx(expected, abs=1e-4)
+    assert metrics.wilson_ci(0, 0) == {"value": None, "ci_low": None, "ci_high": None}
+
+
+def _small_sample_df() -> pd.DataFrame:
+    """Class A: 0 of 6 right; class B: 6 of 6; class C: 1 of 1. Gender: one Male image (a C), the rest Female."""
+    y_true = [0] * 6 + [1] * 6 + [2]
+    y_pred = [1] * 6 + [1] * 6 + [2]
+    return pd.DataFrame({"path": [f"p{i}.jpg" for i in range(13)], "y_true": y_true, "y_pred": y_pred,
+                         "gender": ["Female"] * 12 + ["Male"], "age": "", "error": ""})
+
+
+def test_small_sample_accuracies_get_wilson_intervals_everywhere(capsys):
+    """A percentile bootstrap collapses to '0.00% [0.00, 0.00]' for 0 of 6 and '[100.00, 100.00]' for 1 of 1;
+    every per-class and per-group accuracy (and the overall one) has a Wilson interval instead, in the metrics
+    JSON and on the console."""
+    from race_classifier.evaluation.cli import print_evaluation
+    result = evaluate_predictions(_small_sample_df(), CLASSES, n_boot=200, seed=0)
+    assert result["proportion_ci"] == "wilson"
+    rows = {r["class"]: r["accuracy"] for r in result["per_class"]}
+    for name, expected in (("A", WILSON_0_OF_6), ("B", WILSON_6_OF_6), ("C", WILSON_1_OF_1)):
+        assert (rows[name]["ci_low"], rows[name]["ci_high"]) == pytest.approx(expected, abs=1e-4), name
+    groups = {g["group"]: g["accuracy"] for g in result["subgroups"]["gender"]}
+    assert groups["Male"]["value"] == 1.0
+    assert (groups["Male"]["ci_low"], groups["Male"]["ci_high"]) == pytest.approx(WILSON_1_OF_1, abs=1e-4)
+    cells = {g["group"]: g["accuracy"] for g in result["subgroups"]["race_x_gender"]}
+    assert (cells["A × Female"]["ci_low"], cells["A × Female"]["ci_high"]) == pytest.approx(WILSON_0_OF_6, abs=1e-4)
+    assert result["accuracy"]["value"] == pytest.approx(7 / 13)
+    assert result["accuracy"]["ci_low"] < 7 / 13 < result["accuracy"]["ci_high"]
+    json.dumps(result, allow_nan=False)
+
+    print_evaluation("m", result, CLASSES)
+    out = capsys.readouterr().out
+    assert "0.00% [0.00, 39.03]" in out and "100.00% [60.97, 100.00]" in out and "100.00% [20.65, 100.00]" in out
+    assert "[0.00, 0.00]" not in out and "[100.00, 100.00]" not in out
 
 
 def test_bootstrap_ci_contains_estimate_is_seeded_and_narrows():

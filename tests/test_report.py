@@ -251,3 +251,23 @@ def test_ece_noise_floor_in_calibration_and_head_sections(rendered, tmp_path):
     render_report(race, make_predictions(tmp_path), CLASSES, {}, out)
     assert "5.20% before temperature 0.900" in section(out.read_text("utf-8"), "summary")
     assert "before temperature" not in section(rendered["full"], "summary")  # an uncalibrated model: no such line
+
+
+def test_small_classes_and_groups_show_wilson_intervals(tmp_path):
+    """0 of 6, 6 of 6 and 1 of 1 right: the report shows Wilson intervals, never a collapsed [0.0, 0.0] or
+    [100.0, 100.0], and says which intervals are Wilson and which bootstrap."""
+    from race_classifier.evaluation.metrics import evaluate_predictions
+    rows = [{"path": f"p{i}.jpg", "y_true": y, "y_pred": p, "confidence": 0.9,
+             "gender": "Male" if i == 12 else "Female", "age": "", "error": ""}
+            for i, (y, p) in enumerate(zip([0] * 6 + [1] * 6 + [2], [1] * 12 + [2]))]
+    table = pd.DataFrame(rows)
+    evaluation = evaluate_predictions(table, CLASSES, n_boot=100)
+    out = tmp_path / "small.html"
+    render_report(evaluation, table, CLASSES, {}, out)
+    html = out.read_text("utf-8")
+    per_class = section(html, "per-class")
+    assert "0.0% [0.0, 39.0]" in per_class and "100.0% [61.0, 100.0]" in per_class
+    assert "100.0% [20.7, 100.0]" in per_class
+    assert "100.0% [20.7, 100.0]" in section(html, "subgroups")  # the one Male image
+    assert "[0.0, 0.0]" not in html and "[100.0, 100.0]" not in html
+    assert "Wilson score intervals for accuracies" in html

@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser, baseline_required: bool = False) -
     g.add_argument("--baseline_tta", action="store_true", help="the same for the baseline model file")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the intervals of balanced "
+                   "accuracy, group gaps and model differences (accuracies get Wilson score intervals)")
     p.add_argument("--abstain", action="store_true", help="also report coverage and accuracy on the images the "
                    "model answers with its stored abstention threshold (calibrated checkpoints and their exports)")
     p.add_argument("--seed", type=int, default=0)
@@ -75,8 +76,8 @@ def fmt_ece(ev: dict) -> str:
 
 def print_evaluation(name: str, ev: dict, classes) -> None:
     print(f"{name}: {ev['n']} images scored, {ev['n_errors']} unreadable")
-    print(f"  accuracy           {fmt_ci(ev['accuracy'], 2)}  (95% bootstrap CI)")
-    print(f"  balanced accuracy  {fmt_ci(ev['balanced_accuracy'], 2)}")
+    print(f"  accuracy           {fmt_ci(ev['accuracy'], 2)}  (95% Wilson score CI, as per class)")
+    print(f"  balanced accuracy  {fmt_ci(ev['balanced_accuracy'], 2)}  (95% bootstrap CI)")
     print(f"  macro-F1 {fmt_num(ev['macro_f1'], 4)}   {fmt_ece(ev)}")
     for row in ev["per_class"]:
         print(f"   - {row['class']:<18} {fmt_ci(row['accuracy'], 2)}  (n={row['support']})")

@@ -1,4 +1,4 @@
-"""Classification metrics from scikit-learn, summarised per class, per subgroup, with bootstrap CIs.
+"""Classification metrics from scikit-learn, summarised per class, per subgroup, with confidence intervals.
 
 A class with no examples has no accuracy (None), never 0% or 100%.
 
@@ -13,6 +13,12 @@ Two entry points:
   Gender/age heads (``<head>_y_true``, ``<head>_y_pred``, ... columns, see runner.py) get the same figures
   under ``heads``, each over the images labelled for that head (``head_table``); race accuracy is also
   broken down by the model's age groups (``age_group``).
+
+Intervals: an accuracy is a proportion (k of n images right), so accuracy overall, per class and per
+group gets a Wilson score interval (``wilson_ci``): it stays honest at small n and at 0% or 100%, where a
+percentile bootstrap collapses to a point ("0.00% [0.00, 0.00]" for 0 of 6, "[100.00, 100.00]" for 1 of 1).
+The bootstrap is kept where no closed form fits: balanced accuracy, the gaps between groups, and (compare.py)
+differences between models.
 
 Bootstrap: image indices are resampled once and turned into an ``(n_boot, n)`` matrix of
 per-resample multiplicities ``W``; every statistic is a weighted rate computed from ``W`` (one matrix
@@ -235,6 +241,18 @@ def balanced_rate(weights: np.ndarray, y_true: np.ndarray, correct: np.ndarray, 
     return np.divide(total, count, out=np.full(len(count), np.nan), where=count > 0)
 
 
+def wilson_ci(k: int, n: int, ci: float = 0.95) -> dict:
+    """{"value", "ci_low", "ci_high"} of a proportion k / n with its Wilson score interval (scipy's
+    ``binomtest(...).proportion_ci(method="wilson")``, without continuity correction); all None when n = 0.
+    0 of 6 gives [0, 0.390], 6 of 6 [0.610, 1], 1 of 1 [0.207, 1]."""
+    from scipy.stats import binomtest
+    k, n = int(round(k)), int(n)
+    if n <= 0:
+        return {"value": None, "ci_low": None, "ci_high": None}
+    interval = binomtest(k, n).proportion_ci(confidence_level=ci, method="wilson")
+    return {"value": k / n, "ci_low": _num(interval.low), "ci_high": _num(interval.high)}
+
+
 def percentile_ci(samples: np.ndarray, ci: float) -> tuple[float | None, float | None]:
     """Percentile interval of the bootstrap samples, skipping NaN (resamples where it is undefined)."""
     samples = np.asarray(samples, float)
@@ -247,7 +265,7 @@ def percentile_ci(samples: np.ndarray, ci: float) -> tuple[float | None, float |
 
 
 def bootstrap_ci(statistic: Callable[[np.ndarray], np.ndarray], weights: np.ndarray, ci: float) -> dict:
-    """{"value", "ci_low", "ci_high"}: ``statistic`` maps a (rows, n) weight matrix to one value per row;
+    """{"value", "ci_low", "ci_high"}, percentile bootstrap: ``statistic`` maps a (rows, n) weight matrix to one value per row;
     all-ones weights give the point estimate, the resample weights its bootstrap distribution."""
     value = _num(statistic(np.ones((1, weights.shape[1])))[0])
     low, high = percentile_ci(statistic(weights), ci) if value is not None else (None, None)
@@ -335,7 +353,7 @@ def _calibration(valid: pd.DataFrame, probs: np.ndarray | None, correct: np.ndar
 # --------------------------------------------------------------------------- report sections
 
 def _per_class(y: np.ndarray, pred: np.ndarray, correct: np.ndarray, classes: Sequence[str],
-               weights: np.ndarray, ci: float) -> list[dict]:
+               ci: float) -> list[dict]:
     k = len(classes)
     if len(y):
         precision, _, f1, _ = precision_recall_fscore_support(y, pred, labels=list(range(k)), zero_division=0)
@@ -344,8 +362,8 @@ def _per_class(y: np.ndarray, pred: np.ndarray, correct: np.ndarray, classes: Se
     rows = []
     for c, name in enumerate(classes):
         mask = y == c
-        # accuracy = recall; resamples that draw no image of the class are skipped (NaN).
-        accuracy = bootstrap_ci(lambda w, m=mask: weighted_rate(w, correct, m), weights, ci)
+        # accuracy = recall, a proportion: Wilson score interval (module docstring).
+        accuracy = wilson_ci(correct[mask].sum(), mask.sum(), ci)
         rows.append({"class": name, "support": int(mask.sum()), "accuracy": accuracy,
                      "precision": float(precision[c]), "f1": float(f1[c])})
     return rows
@@ -360,12 +378,12 @@ def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> tuple[list, list]:
 
 
 def _subgroups(valid: pd.DataFrame, classes: Sequence[str], correct: np.ndarray,
-               weights: np.ndarray, ci: float) -> tuple[dict, dict]:
+               ci: float) -> tuple[dict, dict]:
     """(subgroups, masks): per dimension [{"group", "n", "accuracy"}], and the masks for the gaps."""
     dims = subgroup_masks(valid, classes)
     groups = {
         dim: [{"group": label, "n": int(mask.sum()),
-               "accuracy": bootstrap_ci(lambda w, m=mask: weighted_rate(w, correct, m), weights, ci)}
+               "accuracy": wilson_ci(correct[mask].sum(), mask.sum(), ci)}
               for label, mask in groups]
         for dim, groups in dims.items()
     }
@@ -401,10 +419,10 @@ def evaluate_predictions(df: pd.DataFrame, classes: Sequence[str], n_boot: int =
                          heads: Mapping[str, Sequence[str]] | None = None) -> dict:
     """The evaluation report's figures for one model's predictions table (JSON-serialisable).
 
-    Keys: classes, n, n_errors, ci_level, n_boot, accuracy, balanced_accuracy, macro_f1, log_loss, ece,
-    ece_if_calibrated (the ECE's noise floor), reliability, per_class, confusion_matrix,
+    Keys: classes, n, n_errors, ci_level, n_boot, proportion_ci ("wilson"), accuracy, balanced_accuracy,
+    macro_f1, log_loss, ece, ece_if_calibrated (the ECE's noise floor), reliability, per_class, confusion_matrix,
     confusion_matrix_normalized, subgroups, subgroup_gaps, worst_class, n_race_unlabelled, heads. See the
-    module docstring for the bootstrap.
+    module docstring for the intervals (Wilson for accuracies, bootstrap for the rest).
 
     ``heads``: {extra head: its classes}; each head the table scored gets the same keys under
     ``heads[name]`` (its subgroups empty), plus ``n_unlabelled``: images without that head's label.
@@ -431,11 +449,11 @@ def _evaluate_head(df: pd.DataFrame, classes: Sequence[str], n_boot: int, seed: 
     correct = (y == pred).astype(float)
     weights = bootstrap_weights(len(y), n_boot, seed)
 
-    per_class = _per_class(y, pred, correct, classes, weights, ci)
+    per_class = _per_class(y, pred, correct, classes, ci)
     # Macro-F1 over classes present, like balanced accuracy: a class absent from the set has no F1.
     f1_present = [c["f1"] for c in per_class if c["support"]]
     cm, cm_normalized = _confusion(y, pred, k)
-    subgroups, masks = _subgroups(valid, classes, correct, weights, ci)
+    subgroups, masks = _subgroups(valid, classes, correct, ci)
     gaps = {dim: subgroup_gap(subgroups[dim], masks[dim], correct, weights, ci, min_group_size)
             for dim in subgroups}
     return {
@@ -444,7 +462,9 @@ def _evaluate_head(df: pd.DataFrame, classes: Sequence[str], n_boot: int, seed: 
         "n_errors": n_errors,
         "ci_level": ci,
         "n_boot": n_boot,
-        "accuracy": bootstrap_ci(lambda w: weighted_rate(w, correct), weights, ci),
+        # accuracies (overall, per class, per group) have Wilson score intervals; the rest, bootstrap ones
+        "proportion_ci": "wilson",
+        "accuracy": wilson_ci(correct.sum(), len(correct), ci),
         "balanced_accuracy": bootstrap_ci(lambda w: balanced_rate(w, y, correct, k), weights, ci),
         "macro_f1": float(np.mean(f1_present)) if f1_present else None,
         **_calibration(valid, probability_matrix(valid, k), correct, k, seed),

@@ -340,7 +340,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no_model_card", action="store_true", help="do not write MODEL_CARD.md beside the model")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the card's CIs")
+    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the card's balanced-accuracy and "
+                   "gap intervals (accuracies get Wilson score intervals)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     return p
