@@ -51,6 +51,30 @@ def test_fit_temperature_recovers_a_known_temperature_and_lowers_ece():
     np.testing.assert_allclose(uncalibrated(softmax(logits[:50], t), t), softmax(logits[:50]), atol=1e-9)
 
 
+def test_temperature_on_a_search_bound_is_flagged_and_few_images_warned():
+    from race_classifier.evaluation.calibration import MIN_CALIBRATION_IMAGES, TEMPERATURE_BOUNDS
+    from race_classifier.training.finalize import calibrate_head, calibrate_logits, calibration_warnings
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % 3
+    # Always confidently wrong: the NLL falls all the way to uniform probabilities, T runs into 50.
+    wrong = 5 * np.eye(3)[(labels + 1) % 3] + rng.normal(0, 0.1, (30, 3))
+    # Always right by a wide margin: the NLL falls towards T -> 0, T runs into 0.02.
+    right = 5 * np.eye(3)[labels] + rng.normal(0, 0.1, (30, 3))
+    for logits, bound in ((wrong, TEMPERATURE_BOUNDS[1]), (right, TEMPERATURE_BOUNDS[0])):
+        cal = {**calibrate_logits(logits, labels), "n": 30}
+        assert cal["temperature"] == pytest.approx(bound, rel=1e-3) and cal["at_search_bound"] is True
+        assert calibrate_head(logits, labels)["at_search_bound"] is True
+        text = " ".join(calibration_warnings(cal))
+        assert f"{cal['temperature']:.3f} sits on a bound of its search" in text and "unreliable" in text
+        assert f"only 30 validation images (fewer than {MIN_CALIBRATION_IMAGES})" in text
+    logits, labels = _overconfident()  # 4000 images, a temperature inside the range: nothing to warn about
+    cal = {**calibrate_logits(logits, labels), "n": len(labels)}
+    assert cal["at_search_bound"] is False and calibration_warnings(cal) == []
+    heads = {"gender": {**calibrate_head(wrong, np.arange(30) % 3), "n": 30}}
+    assert any(w.startswith("the gender head's temperature 50.000 sits on a bound")
+               for w in calibration_warnings({**cal, "heads": heads}))
+
+
 def test_threshold_answers_the_target_coverage():
     confidence = np.random.default_rng(1).uniform(0.2, 1.0, size=10_000)
     for coverage in (0.5, 0.9, 0.95, 1.0):
@@ -86,6 +110,7 @@ def test_training_writes_calibration_and_model_card(calibrated, manifests):
     assert {"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "fitted_on", "n"} <= set(cal)
     assert cal["temperature"] > 0 and cal["n"] == 24 and cal["fitted_on"] == str(manifests / "val.txt")
     assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+    assert cal["at_search_bound"] is False
     floor = cal["ece_if_calibrated"]  # the calibrated ECE's noise floor, on these 24 images
     assert set(floor) == {"mean", "p95", "p_value", "n_draws"} and 0 < floor["mean"] <= floor["p95"]
     ab = cal["abstention"]
@@ -97,7 +122,11 @@ def test_training_writes_calibration_and_model_card(calibrated, manifests):
     assert headings == list(CARD_SECTIONS)
     for phrase in ("identifying people", "hiring", "policing", "credit", "ancestry", "self-identity",
                    "perceived labels as facts", str(manifests / "train.txt"), f"{cal['temperature']:.3f}",
-                   f"it would show {floor['mean']:.4f} expected, 95% <= {floor['p95']:.4f}; p "):
+                   f"it would show {floor['mean']:.4f} expected, 95% <= {floor['p95']:.4f}; p ",
+                   # 24 validation images: the card says the calibration rests on too few
+                   "**Unreliable calibration.**", "only 24 validation images (fewer than 200)",
+                   # the accuracies' intervals are Wilson score intervals, the bootstrap for the rest
+                   "Wilson score intervals for accuracies"):
         assert phrase in card, phrase
     # Per-class accuracies in the card are the checkpoint's own validation figures.
     for name in ckpt["taxonomy"]["classes"]:
@@ -122,6 +151,36 @@ def test_calibrate_command_matches_training_on_an_old_checkpoint(calibrated, man
     assert float(floor.group(2)) == pytest.approx(redone["calibration"]["ece_if_calibrated"]["mean"], abs=1e-4)
     assert set(old) <= set(redone) and (tmp_path / MODEL_CARD).is_file()
     torch.testing.assert_close(redone["state_dict"], ckpt["state_dict"])
+
+
+def test_calibrate_says_when_the_temperature_sits_on_its_search_bound(calibrated, manifests, tmp_path, capsys,
+                                                                      caplog):
+    """Every validation label moved to the next class: the model is confidently wrong on all of them, the fit
+    runs into T = 50 (uniform probabilities). Stored with a flag, and said on the console, in the log and in the
+    model card; and so is the small validation set."""
+    classes = get_taxonomy(str(manifests / "classes.txt")).classes
+    lines = []
+    for line in (manifests / "val.txt").read_text().splitlines():
+        fields = line.split("\t")
+        if line and not line.startswith("#"):
+            fields[1] = classes[(classes.index(fields[1]) + 1) % len(classes)]
+        lines.append("\t".join(fields))
+    val = tmp_path / "val.txt"
+    val.write_text("\n".join(lines) + "\n")
+    model = tmp_path / "best.pt"
+    atomic_torch_save(load_checkpoint(calibrated), model)
+    assert cli_main(["calibrate", "--model_path", str(model), "--val_txt", str(val), "--workers", "0",
+                     "--n_boot", "50"]) == 0
+    cal = load_checkpoint(model)["calibration"]
+    assert cal["temperature"] == pytest.approx(50.0, rel=1e-3) and cal["at_search_bound"] is True
+    out = capsys.readouterr().out
+    assert "Warning: the temperature 50.000 sits on a bound of its search [0.02, 50]" in out
+    assert "Warning: the temperature was fitted on only 24 validation images (fewer than 200)" in out
+    assert "sits on a bound of its search" in caplog.text and "fewer than 200" in caplog.text
+    card = (tmp_path / MODEL_CARD).read_text()
+    assert "**Unreliable calibration.**" in card
+    assert "The temperature 50.000 sits on a bound of its search [0.02, 50]: the fit found no minimum, so it is " \
+           "unreliable" in card
 
 
 def test_calibrate_names_an_unreadable_validation_image_and_fits_on_the_rest(calibrated, manifests, tmp_path,

@@ -4,6 +4,16 @@ Temperature scaling (Guo et al. 2017) divides a model's logits by one number T >
 negative log-likelihood on held-out data: the predicted class never changes (argmax is unaffected), only
 how confident the probabilities are. ``fit_temperature`` does the fit.
 
+Two ways a fitted temperature misleads, both reported (``race-classifier calibrate`` and the end of training
+warn, and the model card says so):
+
+* too few images: below ``MIN_CALIBRATION_IMAGES`` (200) validation images the NLL minimum is noisy, and the
+  abstention threshold (a quantile) rests on a handful of faces;
+* a temperature on a bound of the search (``TEMPERATURE_BOUNDS``, ``at_search_bound``): the NLL kept falling
+  towards the bound, so the fit found no minimum. At the upper bound (50) every face gets nearly uniform
+  probabilities (a model no better than chance on these images); at the lower one (0.02) every face gets
+  probability ~1 (validation images all right and separable). Either way the temperature is unreliable.
+
 Abstention: a confidence threshold below which a face is answered ``uncertain``, chosen so that a target
 share of validation faces (``coverage``, e.g. 0.95) is answered: the (1 - coverage) quantile of the
 calibrated top-class probabilities. ``choose_threshold`` picks it, ``selective_accuracy`` reports coverage
@@ -19,8 +29,15 @@ from scipy.special import log_softmax, logsumexp
 
 from race_classifier.evaluation.metrics import bootstrap_ci, bootstrap_weights, weighted_rate
 
-# Search range of log T: T in [0.02, 50] covers any model we have seen (T ~ 0.5-3 is usual).
-_LOG_T_BOUNDS = (math.log(0.02), math.log(50.0))
+# Search range of T: [0.02, 50] covers any model we have seen (T ~ 0.5-3 is usual); searched on log T.
+TEMPERATURE_BOUNDS = (0.02, 50.0)
+_LOG_T_BOUNDS = (math.log(TEMPERATURE_BOUNDS[0]), math.log(TEMPERATURE_BOUNDS[1]))
+# Fewer validation images than this: calibration still runs, with a warning (output and model card). 200 faces
+# give the NLL a usable minimum and the abstention threshold (a 5% quantile at coverage 0.95) ten faces below it.
+MIN_CALIBRATION_IMAGES = 200
+# How close (in log T) a fitted temperature may come to a bound and still count as on it: the bounded Brent
+# search stops within ~1e-5 of a bound it runs into.
+_BOUND_TOLERANCE = 1e-3
 
 
 def _as_arrays(logits, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +64,8 @@ def nll(logits, labels, temperature: float = 1.0) -> float:
 def fit_temperature(logits, labels) -> float:
     """The T > 0 minimising the NLL of softmax(logits / T) on (``logits``, ``labels``); 1.0 without data.
 
-    A 1-d problem, solved on log T (so T stays positive) by bounded Brent search, in float64."""
+    A 1-d problem, solved on log T (so T stays positive) by bounded Brent search, in float64; a fit that finds
+    no minimum inside ``TEMPERATURE_BOUNDS`` returns the bound (``at_search_bound``)."""
     logits, labels = _as_arrays(logits, labels)
     if len(labels) == 0:
         return 1.0
@@ -58,7 +76,20 @@ def fit_temperature(logits, labels) -> float:
         return float(np.mean(logsumexp(scaled, axis=1) - scaled[rows, labels]))
 
     result = minimize_scalar(objective, bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
-    return float(math.exp(result.x))
+    best, value = result.x, objective(result.x)
+    for bound in _LOG_T_BOUNDS:
+        # No minimum inside: the NLL falls, or stays flat (it underflows to 0 when every image is right by a
+        # wide margin), all the way to a bound. Return the bound itself, so that ``at_search_bound`` sees it.
+        if objective(bound) <= value:
+            best, value = bound, objective(bound)
+    return float(math.exp(best))
+
+
+def at_search_bound(temperature: float) -> bool:
+    """Whether a temperature from ``fit_temperature`` sits on a bound of its search (``TEMPERATURE_BOUNDS``):
+    the fit found no minimum inside it, and the temperature is unreliable (module docstring)."""
+    log_t = math.log(temperature)
+    return any(abs(log_t - bound) < _BOUND_TOLERANCE for bound in _LOG_T_BOUNDS)
 
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:

@@ -12,6 +12,10 @@ checkpoints trained before it existed):
    never touched, so ``--resume`` works as before);
 4. writes MODEL_CARD.md beside the checkpoint (Mitchell et al. 2019), filled from the run's own figures.
 
+A fit on fewer than ``MIN_CALIBRATION_IMAGES`` (200) validation images, or a temperature on a bound of its
+search (stored as ``calibration["at_search_bound"]``, per head too), is warned about (log and console) and
+said in the model card: such a temperature is unreliable (``evaluation.calibration``'s docstring).
+
     race-classifier calibrate --model_path runs/x/best.pt --val_txt val.txt [--coverage 0.95]
 """
 from __future__ import annotations
@@ -50,8 +54,8 @@ def calibrate_logits(logits: np.ndarray, labels: np.ndarray, coverage: float = D
     and the abstention threshold, from readable rows only."""
     import numpy as np
 
-    from race_classifier.evaluation.calibration import (abstention_summary, choose_threshold, fit_temperature,
-                                                        nll, softmax)
+    from race_classifier.evaluation.calibration import (abstention_summary, at_search_bound, choose_threshold,
+                                                        fit_temperature, nll, softmax)
     from race_classifier.evaluation.metrics import ece_if_calibrated, expected_calibration_error
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
     temperature = fit_temperature(logits, labels)
@@ -63,6 +67,7 @@ def calibrate_logits(logits: np.ndarray, labels: np.ndarray, coverage: float = D
     ece_after = expected_calibration_error(confidence, correct)[0]
     return {
         "temperature": temperature,
+        "at_search_bound": at_search_bound(temperature),
         "ece_before": expected_calibration_error(before.max(1), correct)[0],
         "ece_after": ece_after,
         "ece_if_calibrated": ece_if_calibrated(confidence, ece_after, seed=seed),
@@ -78,18 +83,45 @@ def calibrate_head(logits: np.ndarray, labels: np.ndarray, seed: int = 0) -> dic
     noise floor), from its labelled rows."""
     import numpy as np
 
-    from race_classifier.evaluation.calibration import fit_temperature, nll, softmax
+    from race_classifier.evaluation.calibration import at_search_bound, fit_temperature, nll, softmax
     from race_classifier.evaluation.metrics import ece_if_calibrated, expected_calibration_error
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
     temperature = fit_temperature(logits, labels)
     before, after = softmax(logits), softmax(logits, temperature)
     correct = (before.argmax(1) == labels).astype(float)
     ece_after = expected_calibration_error(after.max(1), correct)[0]
-    return {"temperature": temperature,
+    return {"temperature": temperature, "at_search_bound": at_search_bound(temperature),
             "ece_before": expected_calibration_error(before.max(1), correct)[0],
             "ece_after": ece_after, "ece_if_calibrated": ece_if_calibrated(after.max(1), ece_after, seed=seed),
             "nll_before": nll(logits, labels), "nll_after": nll(logits, labels, temperature),
             "n": int(len(labels))}
+
+
+def calibration_warnings(calibration: dict) -> list[str]:
+    """What makes this calibration unreliable, one sentence each (empty: nothing): too few images
+    (``MIN_CALIBRATION_IMAGES``), a temperature on a bound of its search; each extra head's likewise."""
+    from race_classifier.evaluation.calibration import MIN_CALIBRATION_IMAGES, TEMPERATURE_BOUNDS
+    low, high = TEMPERATURE_BOUNDS
+
+    def about(c: dict, what: str) -> list[str]:
+        out = []
+        n = c.get("n")
+        if n is not None and n < MIN_CALIBRATION_IMAGES:
+            out.append(f"{what} was fitted on only {n} validation images (fewer than {MIN_CALIBRATION_IMAGES}): "
+                       "it is rough; calibrate again on a larger validation set")
+        if c.get("at_search_bound"):
+            t = c["temperature"]
+            effect = ("every face gets nearly the same probability for every class (the model does no better "
+                      "than chance on these images)" if t > 1 else
+                      "every face gets a probability of nearly 1 for its predicted class")
+            out.append(f"{what} {t:.3f} sits on a bound of its search [{low:g}, {high:g}]: the fit found no "
+                       f"minimum, so it is unreliable; with it {effect}")
+        return out
+
+    warnings = about(calibration, "the temperature")
+    for name, head in (calibration.get("heads") or {}).items():
+        warnings += about(head, f"the {name} head's temperature")
+    return warnings
 
 
 def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: str | Path,
@@ -156,6 +188,9 @@ def finalize_run(best_path: str | Path, val_samples: list[Sample], *, val_txt: s
         print(f"  {name} head on {c['n']} images: temperature {c['temperature']:.3f}, "
               f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f} "
               f"(perfectly calibrated: {fmt_ece_floor(c['ece_if_calibrated'])})", flush=True)
+    for warning in calibration_warnings(calibration):
+        log.warning("%s: %s", best_path, warning)
+        print(f"Warning: {warning}", flush=True)
 
     if model_card:
         def calibrated(name: str, temperature: float) -> np.ndarray:
@@ -231,6 +266,7 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
         "heads": _card_heads(heads, evaluation, calibration, val_samples, train_samples),
         "age_bins": heads.age_bins.describe() if heads is not None and heads.age_bins else None,
         "calibration": calibration,
+        "calibration_warnings": calibration_warnings(calibration),
         "abstention": calibration.get("abstention") or {},
         "train_txt": str(train_txt or train_args.get("train_txt") or "n/a"),
         "val_txt": str(val_txt),
