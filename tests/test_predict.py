@@ -84,12 +84,34 @@ def test_no_face_and_corrupt_image_rows_and_the_run_goes_on(model, pattern_image
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "out.csv"
+    # Some inputs failed, the others were classified: exit status 1, and every row is still written.
     assert predict(blank, corrupt, tmp_path / "missing.jpg", pattern_images[0], "--model", model,
-                   "--output", out) == 0
+                   "--output", out) == 1
     rows = read_rows(out)
     assert [r["status"] for r in rows] == ["no_face", "error", "error", "no_face"]
     assert rows[1]["error"] and "not found" in rows[2]["error"]
     assert rows[0]["label"] == "" and rows[0]["face"] == ""
+
+
+def test_exit_status_tells_a_script_which_inputs_failed(model, pattern_images, tmp_path, capsys):
+    """0: all read (no face is not a failure); 1: some failed; 3: all failed (`predict missing.jpg
+    not-an-image.jpg`); 2: bad usage. The error rows are written in every case; --help documents the codes."""
+    not_an_image = tmp_path / "not-an-image.jpg"
+    not_an_image.write_text("hello")
+    out = tmp_path / "out.csv"
+    assert predict(tmp_path / "missing.jpg", not_an_image, "--model", model, "--output", out) == 3
+    assert [r["status"] for r in read_rows(out)] == ["error", "error"]
+    assert predict(tmp_path / "missing.jpg", pattern_images[0], "--model", model, "--output", out) == 1
+    assert [r["status"] for r in read_rows(out)] == ["error", "no_face"]
+    assert predict(*pattern_images, "--model", model, "--output", out) == 0
+    # Standard output gets the rows too, whatever the status.
+    assert predict(tmp_path / "missing.jpg", "--model", model) == 3
+    assert "error" in capsys.readouterr().out
+    assert predict("--model", model) == 2  # no input: bad usage, as before
+    with pytest.raises(SystemExit):
+        cli_main(["predict", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 every input was read" in help_text and "3 no input could be read" in help_text
 
 
 def test_no_detect_rows_have_labels_and_probabilities(model, pattern_images, tmp_path):

@@ -8,6 +8,11 @@ One row per face (image, face index, box, 5 landmarks, detection score, label, c
 probability per class; for a model with gender / age-group heads also gender, gender_confidence, age_group,
 age_confidence and their classes' probabilities); an image without a face, or one that cannot be read, gets
 one row that says so.
+
+Exit status (``EXIT_STATUS``): 0 every input was read (images without a face included); 1 some inputs could
+not be read (missing, not an image), the others were classified; 3 no input could be read; 2 bad usage (an
+unknown flag, a bad value, no input at all, an unreadable model file). With 1 and 3 the output is still written,
+with a row saying ``error`` for each input that failed.
 """
 from __future__ import annotations
 
@@ -30,6 +35,12 @@ log = logging.getLogger("race_classifier.predict")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".jfif", ".ppm", ".pgm"}
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+# Exit codes (module docstring); 2, bad usage, is run_command's and argparse's.
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ALL_FAILED = 0, 1, 3
+EXIT_STATUS = ("exit status: 0 every input was read (images without a face included); 1 some inputs could not "
+               "be read (missing, not an image), the others were classified; 3 no input could be read; 2 bad "
+               "usage (unknown flag, bad value, no input, unreadable model). With 1 and 3 the output is still "
+               "written, with an error row for each input that failed.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -57,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for the classifier (default 1: on a shared 2-core machine a second thread "
                         "made it ~5x slower, 306 vs 54 ms a photo; raise it on a dedicated machine)")
+    p.epilog = EXIT_STATUS
     return p
 
 
@@ -240,7 +252,18 @@ def run(args) -> int:
                                 classes, extra),
                  lambda: {**json_header(args, clf), "images": [p.to_dict() for p in preds]})
     log.info("%s", _summary(preds))
-    return 0
+    return exit_status(preds)
+
+
+def exit_status(preds: list[ImagePrediction]) -> int:
+    """EXIT_OK when every input was read, EXIT_SOME_FAILED when some could not be, EXIT_ALL_FAILED when none
+    could (module docstring); a failure is said once more, last, so a script's log ends with it."""
+    failed = sum(p.status == "error" for p in preds)
+    if not failed:
+        return EXIT_OK
+    log.error("%d of %d input(s) could not be read (their rows say why): exit status %d", failed, len(preds),
+              EXIT_ALL_FAILED if failed == len(preds) else EXIT_SOME_FAILED)
+    return EXIT_ALL_FAILED if failed == len(preds) else EXIT_SOME_FAILED
 
 
 def _run_video(args) -> int:
