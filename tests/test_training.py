@@ -243,6 +243,53 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(manifests, tmp
             assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-6), key
 
 
+def _kill_in_epoch_2(args: list[str]) -> subprocess.CompletedProcess:
+    """Run train.py with ``args`` in a subprocess that kills itself (SIGKILL, no clean-up) when it is about to
+    save epoch 2's second mid-epoch checkpoint (--save_every_steps 1): the batch trained since the first one is
+    lost, as in a real kill."""
+    launcher = (
+        "import os, runpy, signal, sys\n"
+        "from race_classifier.training.train import Trainer\n"
+        "save_last = Trainer.save_last\n"
+        "def save_or_die(self, epoch, in_progress):\n"
+        "    if epoch == 1 and in_progress and self.progress.batches >= 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    save_last(self, epoch, in_progress)\n"
+        "Trainer.save_last = save_or_die\n"
+        f"sys.argv = ['train.py', *{args!r}]\n"
+        "runpy.run_path('train.py', run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", launcher], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_dropout_figures_do_not_depend_on_workers_or_a_resume(manifests, tmp_path, one_thread):
+    """A model with dropout draws from the global torch RNG every training step. Three epochs (the third was
+    where it broke: starting a loader's iteration drew from that RNG, once per epoch without persistent workers,
+    once per run with them, and again after a resume) give the same figures with --workers 0 and --workers 2,
+    and a --workers 2 run killed in epoch 2 and resumed gives that run's own epoch 3."""
+    options = ("--num_epochs", "3", "--drop_rate", "0.5")
+    runs = {}
+    for workers in ("0", "2"):
+        runs[workers] = tmp_path / f"workers{workers}"
+        assert train_main(train_args(manifests, runs[workers], *options, "--workers", workers)) == 0
+    by_workers = [_metrics(read_log(runs[w] / "log.csv")) for w in ("0", "2")]
+    assert len(by_workers[0]) == 3
+    for epoch, (w0, w2) in enumerate(zip(*by_workers), 1):
+        for key in w0:
+            assert float(w2[key]) == pytest.approx(float(w0[key]), rel=1e-5, abs=1e-7), (epoch, key)
+
+    killed = tmp_path / "killed"
+    args = train_args(manifests, killed, *options, "--workers", "2", "--save_every_steps", "1")
+    proc = _kill_in_epoch_2(args)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert torch.load(killed / "last.pt", weights_only=True)["resume"]["epoch"] == 1
+    assert train_main([*args, "--resume"]) == 0
+    rows = _metrics(read_log(killed / "log.csv"))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    for epoch, (got, want) in enumerate(zip(rows, by_workers[1]), 1):
+        for key in want:
+            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-7), (epoch, key)
+
+
 @pytest.mark.shared("data/fairface/fairface_label_train.csv", "weights/mobilenet_v2-b0353104.pth")
 def test_real_faces_fairface_to_seed5_with_offline_imagenet_weights(shared_dir, tmp_path, capsys):
     """The brief's path on real faces: prepare FairFace into seed5, fine-tune the offline MobileNetV2."""

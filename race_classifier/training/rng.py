@@ -14,6 +14,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed the global generators get at the start of epoch ``epoch`` (0-based) on ``rank``.
+
+    Reseeding every epoch makes the random draws of training (dropout) a function of (seed, epoch, rank, step)
+    alone: nothing drawn before the epoch (validation, a DataLoader starting its iteration, the number of
+    worker processes, a resume) carries into it."""
+    return int(np.random.SeedSequence([seed % 2**32, epoch, rank]).generate_state(1)[0])
+
+
 @contextlib.contextmanager
 def seeded(seed: int):
     """Python's, numpy's and torch's CPU generators seeded with ``seed`` inside the block and put back after it.

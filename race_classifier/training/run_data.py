@@ -123,9 +123,13 @@ def build_loaders(args, world: World, samples: RunSamples, preprocessing: Prepro
         persistent_workers=args.persistent_workers, worker_init_fn=seed_worker,
         # Its own generator: starting an epoch's iteration draws nothing from the global RNG.
         generator=torch.Generator().manual_seed(args.seed * 7919 + 104_729 * world.rank))
+    # Its own generator too: starting an iteration draws the workers' base seed from the loader's generator,
+    # or else from the global torch RNG (dropout's), once per epoch without persistent workers and once per run
+    # with them; the figures then depended on --workers and on a resume from the third epoch on.
     val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                             collate_fn=collate_skipping_failures, pin_memory=pin,
-                            persistent_workers=args.persistent_workers)
+                            persistent_workers=args.persistent_workers,
+                            generator=torch.Generator().manual_seed(args.seed * 7919 + 104_729 * world.rank + 1))
     return RunLoaders(train_set, val_set, sampler, train_loader, val_loader,
                       steps_per_epoch=-(-batches_per_epoch // args.accum_steps),
                       val_sources=samples.validation_sources(args.val_txt))

@@ -3,7 +3,9 @@ then best.pt is calibrated on the validation set and MODEL_CARD.md written besid
 
 A run killed at any moment (even SIGKILL mid-epoch) continues with ``--resume``: last.pt holds the
 optimizer, scaler, RNG and sampler position, and the CSV log is rewritten from the checkpoint's history,
-so the resumed run logs every epoch exactly once.
+so the resumed run logs every epoch exactly once. The global generators (dropout's) are reseeded at the start
+of every epoch (rng.epoch_seed) and the loaders draw from generators of their own, so the figures depend
+neither on --workers nor on a resume.
 
 Under torchrun (WORLD_SIZE > 1) the run is data-parallel (training/distributed.py): every process trains
 on its shard of each epoch's order with --batch_size images per step (the global batch is world size times
@@ -48,7 +50,7 @@ from race_classifier.training.distill import SoftLabelError, SoftLabels, Teacher
 from race_classifier.training.engine import EpochProgress, MultiHeadLoss, evaluate, train_one_epoch
 from race_classifier.training.mixing import BatchMixer
 from race_classifier.training.report import append_csv_row, epoch_row, format_epoch, rewrite_csv
-from race_classifier.training.rng import get_rng_state, seed_everything, set_rng_state
+from race_classifier.training.rng import epoch_seed, get_rng_state, seed_everything, set_rng_state
 from race_classifier.training.run_data import RunSamples, build_loaders
 from race_classifier.utils import atomic_write_text
 
@@ -345,6 +347,8 @@ class Trainer:
             if args.patience and self._epochs_since_best(best_metric) >= args.patience:
                 break
             self._epoch_started = time.time()
+            if not self.progress.batches:  # a fresh epoch (a resumed one continues its saved random state)
+                seed_everything(epoch_seed(args.seed, epoch, self.world.rank))
 
             def on_step(step: int, epoch=epoch) -> None:
                 self.global_step = step
