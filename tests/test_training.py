@@ -66,18 +66,38 @@ def test_epoch_lines_csv_and_checkpoints(manifests, tmp_path, capsys):
 
 
 def test_bad_image_is_skipped_and_listed(manifests, tmp_path, capsys):
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    train_txt = tmp_path / "train.txt"
+    bad, bad_val = tmp_path / "broken.jpg", tmp_path / "broken_val.jpg"
+    for path in (bad, bad_val):
+        path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    train_txt, val_txt = tmp_path / "train.txt", tmp_path / "val.txt"
     train_txt.write_text((manifests / "train.txt").read_text() + f"{bad}\tstripes\t\t\n")
+    val_txt.write_text((manifests / "val.txt").read_text() + f"{bad_val}\tdots\t\t\n")
+    n_train, n_val = (sum(1 for l in p.read_text().splitlines() if l and not l.startswith("#"))
+                      for p in (train_txt, val_txt))
     run = tmp_path / "run"
-    args = train_args(manifests, run, "--num_epochs", "1", "--taxonomy", str(manifests / "classes.txt"))
-    args[args.index("--train_txt") + 1] = str(train_txt)
+    args = train_args(manifests, run, "--num_epochs", "2", "--taxonomy", str(manifests / "classes.txt"))
+    args[args.index("--train_txt") + 1], args[args.index("--val_txt") + 1] = str(train_txt), str(val_txt)
     assert train_main(args) == 0
     out = capsys.readouterr().out
-    assert "Skipped 1 unreadable image(s) in epoch 1" in out and str(bad) in out
-    assert read_log(run / "log.csv")[0]["skipped_images"] == "1"
-    assert str(bad) in (run / "skipped_images.txt").read_text()
+    # The header counts the images listed; each epoch says once per split how many were skipped, and which.
+    assert f"on {n_train} training / {n_val} validation images listed, 4 classes" in out
+    for epoch in (1, 2):
+        training = f"Skipped 1 unreadable training image(s) of the {n_train} listed in epoch {epoch} "
+        validation = f"Skipped 1 unreadable validation image(s) of the {n_val} listed in epoch {epoch} "
+        assert out.count(training) == 1 and out.count(validation) == 1
+        block = out[out.index(training):]
+        assert block.index(str(bad)) < block.index(validation) < block.index(str(bad_val))
+    assert out.count("Skipped ") == 4
+    assert read_log(run / "log.csv")[0]["skipped_images"] == "2"
+    assert {str(bad), str(bad_val)} <= set(re.findall(r"^(\S+)\t", (run / "skipped_images.txt").read_text(), re.M))
+    # With an image cache the unreadable images are known before training: the header says so.
+    cached = tmp_path / "cached"
+    args = train_args(manifests, cached, "--num_epochs", "1", "--taxonomy", str(manifests / "classes.txt"),
+                      "--cache_dir", str(tmp_path / "cache"))
+    args[args.index("--train_txt") + 1], args[args.index("--val_txt") + 1] = str(train_txt), str(val_txt)
+    assert train_main(args) == 0
+    assert (f"on {n_train} training / {n_val} validation images listed (1 training / 1 validation unreadable in "
+            f"the image cache: skipped, {n_train - 1} / {n_val - 1} used)") in capsys.readouterr().out
     # Started afresh on clean data, the run does not keep the previous run's listing.
     assert train_main(train_args(manifests, run, "--num_epochs", "1", "--overwrite")) == 0
     assert read_log(run / "log.csv")[0]["skipped_images"] == "0" and not (run / "skipped_images.txt").exists()

@@ -135,6 +135,15 @@ def build_loaders(args, world: World, samples: RunSamples, preprocessing: Prepro
                       val_sources=samples.validation_sources(args.val_txt))
 
 
+def known_unreadable(dataset: FaceDataset) -> int:
+    """How many of ``dataset``'s images its image cache (--cache_dir, shards) recorded as unreadable when it
+    was built: known before training, without decoding anything; 0 without a cache (found as epochs run)."""
+    cache = dataset.cache
+    if cache is None:
+        return 0
+    return sum(1 for row in cache.rows if row >= 0 and row in cache.errors)
+
+
 def _image_caches(args, world: World, samples: RunSamples) -> tuple[ImageCache | None, ImageCache | None]:
     """(train, val) pre-resized images: --cache_dir (built here), else prepared shards (--shards), else none."""
     if args.cache_dir:

@@ -313,16 +313,26 @@ class Trainer:
                                     "run without --compile") from e
             raise
 
-    def _report_skipped(self, failures: dict[int, str], samples, epoch: int) -> None:
-        new = {samples[i].path: reason for i, reason in failures.items()}
-        if not new or not self.world.main:
+    def _report_skipped(self, epoch: int, *splits: tuple[str, dict[int, str], list]) -> None:
+        """One block per split ("training", "validation") that skipped images this epoch, naming the split and
+        how many of its listed images were skipped; the run's listing gets them all."""
+        if not self.world.main:
             return
-        self.skipped.update(new)
         listing = self.dir / "skipped_images.txt"
+        blocks = []
+        for split, failures, samples in splits:
+            new = {samples[i].path: reason for i, reason in failures.items()}
+            if new:
+                self.skipped.update(new)
+                blocks.append((split, len(samples), new))
+        if not blocks:
+            return
         atomic_write_text(listing, "".join(f"{p}\t{r}\n" for p, r in sorted(self.skipped.items())))
-        print(f"Skipped {len(new)} unreadable image(s) in epoch {epoch} (all listed in {listing}):", flush=True)
-        for path, reason in list(new.items())[:10]:
-            print(f"   {path}: {reason}", flush=True)
+        for split, listed, new in blocks:
+            print(f"Skipped {len(new)} unreadable {split} image(s) of the {listed} listed in epoch {epoch} "
+                  f"(all listed in {listing}):", flush=True)
+            for path, reason in list(new.items())[:10]:
+                print(f"   {path}: {reason}", flush=True)
 
     def run(self) -> dict:
         if self.world.main:
@@ -339,8 +349,8 @@ class Trainer:
         best = None
         for row in self.history:
             best = row[best_metric] if _better(row[best_metric], best, best_metric) else best
-        print(f"Training {args.dataset}: {args.arch} on {len(self.train_samples)} training / {len(self.val_samples)} "
-              f"validation images, {len(self.classes)} classes ({', '.join(self.classes)}), device {self.device}"
+        print(f"Training {args.dataset}: {args.arch} on {self._image_counts()}, {len(self.classes)} classes "
+              f"({', '.join(self.classes)}), device {self.device}"
               + (f" x {self.world.size} processes" if self.world.distributed else ""),
               flush=True)
         for epoch in range(self.start_epoch, args.num_epochs):
@@ -382,8 +392,8 @@ class Trainer:
             if self.world.main:
                 append_csv_row(args.log_file, row)
             print(format_epoch(row, args.num_epochs, self.classes, self.heads, self.data.val_sources), flush=True)
-            self._report_skipped(p.failures, self.train_samples, epoch + 1)
-            self._report_skipped(val["failures"], self.val_samples, epoch + 1)
+            self._report_skipped(epoch + 1, ("training", p.failures, self.train_samples),
+                                 ("validation", val["failures"], self.val_samples))
         self.data.close()
         if args.patience and self._epochs_since_best(best_metric) >= args.patience:
             print(f"Early stopping: no {best_metric} improvement in {args.patience} epochs", flush=True)
@@ -392,6 +402,17 @@ class Trainer:
             self.finalize()
         self.world.barrier()
         return summary
+
+    def _image_counts(self) -> str:
+        """'48 training / 24 validation images listed', and how many of them are known unreadable before
+        training starts (an image cache records them; without one, each epoch's 'Skipped' lines say it)."""
+        from race_classifier.training.run_data import known_unreadable
+        text = f"{len(self.train_samples)} training / {len(self.val_samples)} validation images listed"
+        bad_train, bad_val = known_unreadable(self.data.train_set), known_unreadable(self.data.val_set)
+        if bad_train or bad_val:
+            text += (f" ({bad_train} training / {bad_val} validation unreadable in the image cache: skipped, "
+                     f"{len(self.train_samples) - bad_train} / {len(self.val_samples) - bad_val} used)")
+        return text
 
     @property
     def kept_model(self) -> nn.Module:
