@@ -400,3 +400,17 @@ def test_an_invalid_query_parameter_is_refused_in_the_documented_error_format(cl
     r = client.post("/v1/predict?abstain=maybe", content=images[0], headers={"content-type": "image/png"})
     detail = error(r, 422, "invalid_parameter")
     assert "abstain" in detail and "maybe" in detail
+
+
+def test_unknown_paths_and_wrong_methods_are_refused_in_the_documented_error_format(client):
+    """404 and 405 come from Starlette's routing, not from our endpoints: they too are {"error", "detail"},
+    not FastAPI's {"detail": ...}; a 405 keeps its Allow header."""
+    r = client.get("/v1/nope")
+    assert set(r.json()) == {"error", "detail"}
+    assert "/v1/nope" in error(r, 404, "not_found")
+    r = client.get("/v1/predict")
+    assert set(r.json()) == {"error", "detail"}
+    detail = error(r, 405, "method_not_allowed")
+    assert "GET" in detail and "POST" in detail and r.headers["allow"] == "POST"
+    r = client.delete("/healthz")
+    assert error(r, 405, "method_not_allowed") and set(r.json()) == {"error", "detail"}

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from race_classifier.inference.classifier import UNCERTAIN, Classifier, ImagePrediction
@@ -224,6 +225,26 @@ def _describe_invalid(err: dict) -> str:
     return f"{loc[0]} parameter {loc[-1]!r}: {why}" + (f" (got {got!r})" if isinstance(got, (str, int, float)) else "")
 
 
+def http_error_code(status: int) -> str:
+    """404 -> 'not_found', 405 -> 'method_not_allowed': the status's reason phrase as a code."""
+    from http import HTTPStatus
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return f"http_{status}"
+
+
+def http_error_detail(request: Request, e) -> str:
+    """A sentence for a Starlette HTTPException: where and what was refused."""
+    path = request.url.path
+    if e.status_code == 404 and e.detail in (None, "Not Found"):
+        return f"no such endpoint: {path} (see /docs)"
+    if e.status_code == 405:
+        allowed = (e.headers or {}).get("Allow") or (e.headers or {}).get("allow")
+        return f"{request.method} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
+    return str(e.detail)
+
+
 def create_app(classifier: Classifier, limits: Limits | None = None, *, model_card: str | None = None) -> FastAPI:
     """The service for ``classifier``. ``model_card``: its text; default the MODEL_CARD.md beside the model."""
     limits = limits or Limits()
@@ -274,6 +295,13 @@ def create_app(classifier: Classifier, limits: Limits | None = None, *, model_ca
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse({"error": e.code, "detail": e.detail}, status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own refusals (404 unknown path, 405 wrong method, ...) are {"detail": ...} by default;
+        # here they are {"error": code, "detail": text} like every other error. Their headers (Allow) stay.
+        return JSONResponse({"error": http_error_code(e.status_code), "detail": http_error_detail(request, e)},
+                            status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_parameter(_request: Request, e: RequestValidationError) -> JSONResponse:
