@@ -1,4 +1,4 @@
-"""The ``race-classifier`` command: one subcommand per stage of the pipeline."""
+"""The race-classifier command: one subcommand per stage of the pipeline (plain text: it is the --help description)."""
 from __future__ import annotations
 
 import argparse
@@ -72,11 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=module.run)
 
     p = sub.add_parser("synth", help="generate the embedded synthetic smoke-test dataset (abstract patterns)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--identities", type=int, default=24, help="per class")
-    p.add_argument("--images", type=int, default=3, help="per identity")
-    p.add_argument("--size", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder to write root/<class>/<identity>/<image>.png into")
+    p.add_argument("--identities", type=int, default=24, help="identities per class")
+    p.add_argument("--images", type=int, default=3, help="images per identity")
+    p.add_argument("--size", type=int, default=48, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same images")
     p.set_defaults(func=_synth)
     return parser
 

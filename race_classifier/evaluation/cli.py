@@ -46,20 +46,22 @@ def add_arguments(p: argparse.ArgumentParser, baseline_required: bool = False) -
     base.add_argument("--baseline_predictions", help="CSV of the baseline's predictions: path, pred_label, "
                       "optional prob_<class> columns")
     g.add_argument("--baseline_labels", help="the baseline's class order/taxonomy (TorchScript, ONNX, CSV)")
-    g.add_argument("--baseline_image_size", type=int)
-    g.add_argument("--baseline_mean", type=float, nargs=3)
-    g.add_argument("--baseline_std", type=float, nargs=3)
+    g.add_argument("--baseline_image_size", type=int, help="input size of a baseline file without metadata")
+    g.add_argument("--baseline_mean", type=float, nargs=3, help="normalisation mean of a baseline file without "
+                   "metadata")
+    g.add_argument("--baseline_std", type=float, nargs=3, help="normalisation std of a baseline file without "
+                   "metadata")
     p.add_argument("--tta", action="store_true", help="test-time augmentation of the evaluated model: average "
                    "each face's calibrated probabilities with its horizontal mirror's")
     g.add_argument("--baseline_tta", action="store_true", help="the same for the baseline model file")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=64, help="images per model call")
+    p.add_argument("--workers", type=int, default=2, help="image-loading processes")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the intervals of balanced "
                    "accuracy, group gaps and model differences (accuracies get Wilson score intervals)")
     p.add_argument("--abstain", action="store_true", help="also report coverage and accuracy on the images the "
                    "model answers with its stored abstention threshold (calibrated checkpoints and their exports)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap and the ECE noise floor's draws")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     add_amp_argument(p)
     return p
 

@@ -265,8 +265,8 @@ def percentile_ci(samples: np.ndarray, ci: float) -> tuple[float | None, float |
 
 
 def bootstrap_ci(statistic: Callable[[np.ndarray], np.ndarray], weights: np.ndarray, ci: float) -> dict:
-    """{"value", "ci_low", "ci_high"}, percentile bootstrap: ``statistic`` maps a (rows, n) weight matrix to one value per row;
-    all-ones weights give the point estimate, the resample weights its bootstrap distribution."""
+    """{"value", "ci_low", "ci_high"}, percentile bootstrap: ``statistic`` maps a (rows, n) weight matrix to one
+    value per row; all-ones weights give the point estimate, the resample weights its bootstrap distribution."""
     value = _num(statistic(np.ones((1, weights.shape[1])))[0])
     low, high = percentile_ci(statistic(weights), ci) if value is not None else (None, None)
     return {"value": value, "ci_low": low, "ci_high": high}

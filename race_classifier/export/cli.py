@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="refuse an int8 model losing more accuracy points than this on --val_txt (default %(default)s)")
     p.add_argument("--fp32_output", help="with --quantize, also write the verified fp32 model here")
     p.add_argument("--report_json", help="also write the parity/accuracy report here")
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=64, help="images per model call while checking parity and "
+                   "accuracy on --val_txt (default %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="image-loading processes (default %(default)s)")
     return p
 

@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--initial_checkpoint", metavar="CHECKPOINT",
                    help="start from every weight of a checkpoint of this architecture, classes and heads (e.g. a "
                         "run at a lower --image_size, fine-tuned here at a higher one); --pretrained is then unused")
-    g.add_argument("--image_size", type=int, default=224)
+    g.add_argument("--image_size", type=int, default=224, help="input size in pixels (square)")
     g.add_argument("--heads", default="race",
                    help="output heads on the shared backbone: race, or e.g. race,gender,age. gender classes come "
                         "from the manifests' gender column, age groups from their age column (--age_bins); a "
@@ -61,12 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--accum_steps", type=int, default=1,
                    help="gradient accumulation: one optimizer step per N batches (effective batch N x "
                         "--batch_size); the LR schedule and --save_every_steps count optimizer steps")
-    g.add_argument("--num_epochs", type=int, default=50)
+    g.add_argument("--num_epochs", type=int, default=50, help="epochs to train (fewer with --patience)")
     g.add_argument("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
-    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
     g.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
     g.add_argument("--min_lr_ratio", type=float, default=0.01, help="final learning rate / peak")
-    g.add_argument("--label_smoothing", type=float, default=0.1)
+    g.add_argument("--label_smoothing", type=float, default=0.1,
+                   help="share of each target spread evenly over the classes (0: hard labels)")
     g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                    help="mixup: blend each batch with itself reversed, Beta(ALPHA, ALPHA) weights (0: off; race only)")
     g.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
@@ -86,9 +87,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="sampler: draw classes equally; loss: weight the loss by inverse class frequency; "
                         "group: draw race x gender cells equally (the manifest's gender column; unknown "
                         "gender is a cell of its own in each class)")
-    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip (augmentation)")
     g.add_argument("--scale_min", type=float, default=0.8, help="smallest random-resized-crop area")
-    g.add_argument("--color_jitter", type=float, default=0.2)
+    g.add_argument("--color_jitter", type=float, default=0.2,
+                   help="strength of random brightness, contrast and saturation changes (0: off)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed precision. CUDA: auto is bf16 where supported, else fp16. CPU: auto is off; "
                         "bf16 is ~1.3-2x faster on CPUs with AVX512-BF16/AMX (weights stay fp32)")
@@ -101,9 +103,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("run control")
     g.add_argument("--checkpoint_dir", help="where best.pt, last.pt and the run's files go (default runs/<dataset>)")
     g.add_argument("--log_file", help="CSV log, one row per epoch (default <checkpoint_dir>/log.csv)")
-    g.add_argument("--best_metric", choices=BEST_METRICS, default="val_accuracy")
+    g.add_argument("--best_metric", choices=BEST_METRICS, default="val_accuracy",
+                   help="the validation figure that chooses best.pt and drives --patience: val_accuracy, "
+                        "val_balanced_accuracy (mean recall over classes), val_worst_class_accuracy or val_loss "
+                        "(lower is better)")
     g.add_argument("--patience", type=int, default=10, help="stop after this many epochs without improvement (0: never)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds initialisation, sampling order, augmentation and dropout: a run is reproducible")
     g.add_argument("--resume", action="store_true", help="continue the run in --checkpoint_dir from last.pt")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if the run's files exist")
     g.add_argument("--save_every_steps", type=int, default=0,

@@ -129,9 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "teachers in finer classes are summed into them as evaluation does")
     p.add_argument("--source_taxonomy", help="taxonomy of the manifest's labels, when not --taxonomy")
     p.add_argument("--tta", action="store_true", help="each teacher also sees the mirror image (the mean of both)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch_size", type=int, default=64, help="images per teacher call")
+    p.add_argument("--workers", type=int, default=2, help="image-loading processes")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (PyTorch teachers; ONNX runs on the CPU)")
     add_amp_argument(p)
 
 

@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out_dir", required=True, help="where the ensemble's best.pt and MODEL_CARD.md go")
     p.add_argument("--coverage", type=float, default=0.95, help="share of validation faces the abstention "
                    "threshold answers")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=64, help="images per model call while scoring --val_txt")
+    p.add_argument("--workers", type=int, default=2, help="image-loading processes")
 
 
 def _refusal(ckpt: dict) -> str | None:

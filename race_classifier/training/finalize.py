@@ -374,12 +374,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "(default: as in training)")
     p.add_argument("--label_map", help="YAML overriding the label mapping (default: as in training)")
     p.add_argument("--no_model_card", action="store_true", help="do not write MODEL_CARD.md beside the model")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=64, help="images per model call while scoring --val_txt")
+    p.add_argument("--workers", type=int, default=2, help="image-loading processes")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the card's balanced-accuracy and "
                    "gap intervals (accuracies get Wilson score intervals)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap and the ECE noise floor's draws")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     return p
 
 

@@ -38,15 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val_txt", required=True, help="validation manifest: calibration and the model card")
     p.add_argument("--out_dir", required=True, help="where the new best.pt and MODEL_CARD.md go")
     p.add_argument("--balance", choices=BALANCES, default="group",
-                   help="sample weights: none, sampler (every class the same total weight), group (every "
-                        "race x gender cell the same total weight); or recall: keep the layer, add per-class "
-                        "offsets fitted on --val_txt so every class reaches --min_recall")
+                   help="none: refit with every image weighted 1; sampler: every class the same total "
+                        "weight; group: every race x gender cell the same total weight (default); recall: keep "
+                        "the layer, add per-class offsets fitted on --val_txt so every class reaches --min_recall")
     p.add_argument("--min_recall", type=float, default=0.6, help="--balance recall: the target recall per class")
     p.add_argument("--source_taxonomy", help="taxonomy of the manifests' labels when not the model's (e.g. a "
                    "merge-classes model's manifests in the classes it was trained in: mapped as its outputs are)")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=128, help="images per model call while extracting features")
+    p.add_argument("--workers", type=int, default=2, help="image-loading processes")
 
 
 def last_linear(model):
