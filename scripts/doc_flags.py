@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in MARKERS.finditer(text):
             found.setdefault(m.group("command"), []).append(page.name)
         new, unknown = render(text, tables)
-        rel = page.relative_to(ROOT)
+        rel = page.relative_to(DOCS.parent)
         for command in unknown:
             problems.append(f"{rel}: no subcommand {command!r} (flags:{command} markers)")
         if new != text:
