@@ -82,7 +82,9 @@ def _key(action: argparse.Action) -> str:
 
 
 def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """One table cell of help text: one line, pipes escaped, and '<' escaped so that '<image path>' is not
+    taken for an HTML tag."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("<", "\\<")
 
 
 def _flag(action: argparse.Action) -> str:
