@@ -20,7 +20,8 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     # Geometry of the face crops the model was trained on; inference must cut crops the same way.
-    # FairFace's crops: dlib 5-landmark aligned chips with padding 0.25 around the face.
+    # FairFace's crops: dlib 5-landmark aligned chips with padding 0.25 around the face. Face-recognition
+    # backbones: inference/align.py's arcface_crop(), ArcFace's 112x112 alignment as a box of such a chip.
     crop: dict = field(default_factory=lambda: {"aligned": True, "margin": 0.25})
 
     def to_dict(self) -> dict:
@@ -43,7 +44,32 @@ class Augmentation:
     color_jitter: float = 0.2
 
 
+class ChipBoxCrop:
+    """The part of a face chip the model takes (``Preprocessing.crop["chip_box"]``, scaled to the chip's
+    size), black where the box leaves the chip: e.g. ArcFace's alignment out of a FairFace chip."""
+
+    def __init__(self, crop: dict):
+        self.crop = dict(crop)
+
+    def __call__(self, image):
+        from race_classifier.inference.align import chip_box
+        x0, y0, x1, y1 = chip_box(self.crop, *image.size)
+        left, top = round(x0), round(y0)
+        return image.crop((left, top, left + round(x1 - x0), top + round(y1 - y0)))
+
+    def __repr__(self) -> str:
+        return f"ChipBoxCrop({self.crop.get('chip_box')} of {self.crop.get('chip_size')} px)"
+
+
 def build_transform(pre: Preprocessing, train: bool, aug: Augmentation | None = None):
+    transform = _timm_transform(pre, train, aug)
+    if (pre.crop or {}).get("chip_box"):  # before anything else, augmentation included: as the model's input
+        from torchvision import transforms
+        return transforms.Compose([ChipBoxCrop(pre.crop), *transform.transforms])
+    return transform
+
+
+def _timm_transform(pre: Preprocessing, train: bool, aug: Augmentation | None):
     if train:
         aug = aug or Augmentation()
         return create_transform(pre.image_size, is_training=True, scale=aug.scale, ratio=aug.ratio,

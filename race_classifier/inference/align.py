@@ -13,6 +13,14 @@ contour points, nose tip = point 30, mouth corners = points 48 and 54): the two 
 because it also absorbs the detector's own landmark conventions (its "eye" is the pupil; its nose point
 sits a little lower than dlib's), so a face is put where the training crops had it *as this detector
 sees it*.
+
+Face-recognition backbones (``arch: mobilefacenet``) expect ArcFace's 112x112 five-point alignment instead
+(``ARCFACE_TEMPLATE``, insightface's ``arcface_dst``). Their crop (``arcface_crop()``, ``template: arcface``)
+is described on FairFace's chips: the fixed box ``chip_box`` of a 224 px chip (zero-padded outside it),
+scaled to the chip's size, approximates the template (``../shared/weights/README.md``); the model's transform
+cuts it (data/transforms.py), so training and evaluation on the released chips need nothing else. From a
+photo, ``align_face`` puts the detector's five landmarks where that box holds the template, so the same
+transform then gives exactly ArcFace's alignment.
 """
 from __future__ import annotations
 
@@ -108,6 +116,59 @@ def _warp(rgb: np.ndarray, matrix: np.ndarray, size: int) -> Image.Image:
     return Image.fromarray(out)
 
 
+# ArcFace's five-point template for a 112x112 crop, in pixels: left eye, right eye (image order), nose tip,
+# left and right mouth corner (insightface's arcface_dst).
+ARCFACE_SIZE = 112
+ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+                             [70.7299, 92.2041]])
+# On a 224 px FairFace chip (padding 0.25), the square (x0, y0, x1, y1) that approximates that alignment.
+FAIRFACE_ARCFACE_BOX = (-10, -41, 231, 200)
+
+
+def arcface_crop() -> dict:
+    """Preprocessing.crop for ArcFace-aligned models: FairFace-geometry chips (aligned, margin 0.25) cut to
+    ``chip_box`` (pixels of a ``chip_size`` px chip, scaled to the chip's size; black outside it)."""
+    return {"aligned": True, "margin": FAIRFACE_MARGIN, "template": "arcface",
+            "chip_box": list(FAIRFACE_ARCFACE_BOX), "chip_size": FAIRFACE_CHIP_SIZE}
+
+
+def crop_template(crop: dict | None) -> str:
+    """The alignment a model expects: 'fairface' (dlib's chip, the default) or 'arcface'."""
+    template = (crop or {}).get("template", "fairface")
+    if template not in ("fairface", "arcface"):
+        raise ValueError(f"unknown crop template {template!r} (this version knows fairface and arcface)")
+    return template
+
+
+def chip_box(crop: dict | None, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """The box of a ``width`` x ``height`` chip the model's input is cut from (``crop["chip_box"]``, scaled
+    from its ``chip_size``), or None when the model takes the whole chip."""
+    box = (crop or {}).get("chip_box")
+    if not box:
+        return None
+    reference = float((crop or {}).get("chip_size", FAIRFACE_CHIP_SIZE))
+    x0, y0, x1, y1 = (float(v) for v in box)
+    sx, sy = width / reference, height / reference
+    return x0 * sx, y0 * sy, x1 * sx, y1 * sy
+
+
+def arcface_matrix(landmarks, size: int = ARCFACE_SIZE) -> np.ndarray:
+    """The 2x3 similarity putting five landmarks on ArcFace's template in a ``size`` px crop (least squares,
+    equal weights, as insightface's ``estimate_norm``)."""
+    return similarity_transform(np.asarray(landmarks, dtype=np.float64), ARCFACE_TEMPLATE * (size / ARCFACE_SIZE))
+
+
+def align_arcface(rgb: np.ndarray, landmarks, size: int = ARCFACE_SIZE) -> Image.Image:
+    """ArcFace's aligned ``size`` px crop, cut directly from an RGB photo (black outside it)."""
+    return _warp(np.ascontiguousarray(rgb), arcface_matrix(landmarks, size), size)
+
+
+def arcface_chip_points(crop: dict | None, size: int) -> np.ndarray:
+    """Where ArcFace's template points lie on a ``size`` px chip whose ``chip_box`` is the model's input."""
+    x0, y0, x1, y1 = chip_box({**arcface_crop(), **(crop or {})}, size, size)
+    return np.array([x0, y0]) + ARCFACE_TEMPLATE / ARCFACE_SIZE * np.array([x1 - x0, y1 - y0])
+
+
 def crop_geometry(crop: dict | None) -> tuple[bool, float]:
     """(aligned, margin) from a Preprocessing.crop dict; a model that names none is given FairFace's."""
     crop = crop or {}
@@ -119,9 +180,13 @@ def align_face(rgb: np.ndarray, landmarks, crop: dict | None = None, size: int =
     """The face chip the model expects, cut from the full-resolution RGB photo.
 
     ``crop`` is the model's ``Preprocessing.crop``: ``aligned`` (landmark alignment, FairFace's) or not
-    (a square around the detector's box, widened by ``margin`` on every side, upright)."""
+    (a square around the detector's box, widened by ``margin`` on every side, upright). With ``template``
+    arcface, the landmarks go where ArcFace's template lies in the chip's ``chip_box``, which the model's
+    transform then cuts out."""
     aligned, margin = crop_geometry(crop)
-    if aligned:
+    if crop_template(crop) == "arcface":
+        matrix = similarity_transform(np.asarray(landmarks, dtype=np.float64), arcface_chip_points(crop, size))
+    elif aligned:
         matrix = similarity_transform(np.asarray(landmarks, dtype=np.float64), chip_template(size, margin),
                                       LANDMARK_WEIGHTS)
     else:
