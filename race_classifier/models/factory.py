@@ -1,5 +1,6 @@
-"""Backbones by name: timm's (``mobilenetv3_large_100``, ``resnet34``, ...) and torchvision's
-(``torchvision:mobilenet_v2``, ``torchvision:resnet34``), with a classifier for the taxonomy's classes.
+"""Backbones by name: timm's (``mobilenetv3_large_100``, ``resnet34``, ...), torchvision's
+(``torchvision:mobilenet_v2``, ``torchvision:resnet34``) and the face-recognition ``mobilefacenet``
+(models/mobilefacenet.py, weights from its ONNX file), with a classifier for the taxonomy's classes.
 
 Pretrained weights come from a local file (offline; safe loading, the classifier layer is replaced)
 or from the usual online hubs when a network is there: ``--pretrained default`` (the architecture's
@@ -130,8 +131,28 @@ def init_fine_tuning_classifier(model: nn.Module) -> None:
         nn.init.zeros_(head.bias)
 
 
+def _create_mobilefacenet(num_classes: int, pretrained: str | None, drop_rate: float) -> nn.Module:
+    """``arch: mobilefacenet`` (models/mobilefacenet.py): weights from its ONNX file, or a state dict."""
+    from race_classifier.models.mobilefacenet import MobileFaceNet, load_onnx_weights
+    model = MobileFaceNet(num_classes=num_classes, drop_rate=drop_rate)
+    if not pretrained:
+        return model
+    if not Path(pretrained).is_file():
+        raise FileNotFoundError(f"mobilefacenet has no online weights: give its ONNX file (or a state dict) as "
+                                f"--pretrained, not {pretrained!r}")
+    if Path(pretrained).suffix.lower() == ".onnx":
+        load_onnx_weights(model, pretrained)
+    elif not load_backbone_weights(model, pretrained):
+        return model
+    init_fine_tuning_classifier(model)
+    return model
+
+
 def create_model(arch: str, num_classes: int, pretrained: str | None = None, drop_rate: float = 0.0) -> nn.Module:
-    """``pretrained``: None, a local weights file, 'default', 'hf-hub:<repo>' or a torchvision weights name."""
+    """``pretrained``: None, a local weights file, 'default', 'hf-hub:<repo>' or a torchvision weights name;
+    for ``mobilefacenet``, its ONNX file."""
+    if arch == "mobilefacenet":
+        return _create_mobilefacenet(num_classes, pretrained, drop_rate)
     is_file = bool(pretrained) and (Path(pretrained).is_file() or Path(pretrained).suffix in (".pth", ".pt", ".safetensors", ".bin"))
     if is_file and not Path(pretrained).is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {pretrained}")
