@@ -44,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="start from every weight of a checkpoint of this architecture, classes and heads (e.g. a "
                         "run at a lower --image_size, fine-tuned here at a higher one); --pretrained is then unused")
     g.add_argument("--image_size", type=int, default=224, help="input size in pixels (square)")
+    g.add_argument("--crop", choices=("auto", "fairface", "arcface"), default="auto",
+                   help="the face crop the model takes, stored in the checkpoint so that inference cuts the same: "
+                        "fairface (FairFace's released chips: dlib alignment, padding 0.25) or arcface (ArcFace's "
+                        "112x112 five-point alignment, for face-recognition backbones: a fixed box of each FairFace "
+                        "chip; in photos the landmarks are aligned to ArcFace's template); auto: the backbone's "
+                        "own (arcface for mobilefacenet), else fairface")
     g.add_argument("--heads", default="race",
                    help="output heads on the shared backbone: race, or e.g. race,gender,age. gender classes come "
                         "from the manifests' gender column, age groups from their age column (--age_bins); a "
@@ -63,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "--batch_size); the LR schedule and --save_every_steps count optimizer steps")
     g.add_argument("--num_epochs", type=int, default=50, help="epochs to train (fewer with --patience)")
     g.add_argument("--learning_rate", type=float, default=1e-3, help="peak AdamW learning rate")
+    g.add_argument("--backbone_lr_ratio", type=float, default=1.0,
+                   help="learning rate of every layer but the classifier, as a fraction of the classifier's "
+                        "(e.g. 0.1: a pretrained backbone fine-tuned more gently than its new head); the "
+                        "schedule scales both")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
     g.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
     g.add_argument("--min_lr_ratio", type=float, default=0.01, help="final learning rate / peak")

@@ -42,7 +42,7 @@ from torch import nn
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from race_classifier.heads import HeadLayout
 from race_classifier.models.checkpoint import load_checkpoint, save_checkpoint
-from race_classifier.models.factory import create_model, freeze_until
+from race_classifier.models.factory import classifier_prefix, create_model, freeze_until
 from race_classifier.training import TrainingError, config
 from race_classifier.training.accel import compile_model, is_compile_error, resolve_amp, resolve_device
 from race_classifier.training.distributed import World, init_from_env, teardown
@@ -63,6 +63,36 @@ def _better(value: float | None, best: float | None, metric: str) -> bool:
     if best is None:
         return True
     return value < best if metric == "val_loss" else value > best
+
+
+def training_crop(choice: str, pretrained_cfg: dict) -> dict:
+    """Preprocessing.crop for --crop: arcface (ArcFace's alignment, as a box of FairFace's chips), fairface
+    (the released chips whole), or auto: the backbone's own (its pretrained_cfg's crop), else fairface."""
+    from race_classifier.inference.align import FAIRFACE_MARGIN, arcface_crop
+    own = (pretrained_cfg.get("crop") or {}).get("template")
+    if choice == "arcface" or (choice == "auto" and own == "arcface"):
+        return arcface_crop()
+    return {"aligned": True, "margin": FAIRFACE_MARGIN}
+
+
+def backbone_lr_groups(ratio: float, weight_decay: float):
+    """For --backbone_lr_ratio: a timm param_group_fn giving every parameter outside the classifier
+    ``ratio`` x the learning rate (timm's schedulers honour ``lr_scale``); None at 1 (timm's own groups).
+    The classifier's groups come first, so the lr logged (group 0's) is the head's."""
+    if ratio == 1.0:
+        return None
+    if not ratio > 0:
+        raise TrainingError(f"--backbone_lr_ratio must be positive, got {ratio}")
+
+    def groups(model: nn.Module) -> list[dict]:
+        from timm.optim import param_groups_weight_decay
+        head = {id(p) for p in model.get_submodule(classifier_prefix(model)).parameters()}
+        by_decay = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=getattr(
+            model, "no_weight_decay", lambda: set())())
+        return [{**g, "params": params, "lr_scale": 1.0 if in_head else ratio}
+                for in_head in (True, False) for g in by_decay
+                if (params := [p for p in g["params"] if (id(p) in head) == in_head])]
+    return groups
 
 
 class Trainer:
@@ -109,11 +139,14 @@ class Trainer:
         # Normalise as the backbone was pretrained (timm records it; torchvision's are ImageNet's).
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
         self.preprocessing = Preprocessing(image_size=args.image_size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-                                           std=tuple(cfg.get("std", IMAGENET_STD)))
+                                           std=tuple(cfg.get("std", IMAGENET_STD)),
+                                           crop=training_crop(getattr(args, "crop", "auto"), cfg))
         self.data = build_loaders(args, world, self.samples, self.preprocessing, self.device)
 
         total_steps = self.data.steps_per_epoch * args.num_epochs
-        self.optimizer = create_optimizer_v2(self.model, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.optimizer = create_optimizer_v2(self.model, "adamw", lr=args.learning_rate, weight_decay=args.weight_decay,
+                                             param_group_fn=backbone_lr_groups(getattr(args, "backbone_lr_ratio", 1.0),
+                                                                               args.weight_decay))
         min_lr = args.learning_rate * args.min_lr_ratio
         self.scheduler = CosineLRScheduler(
             self.optimizer, t_initial=total_steps, lr_min=min_lr, t_in_epochs=False,
