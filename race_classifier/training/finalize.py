@@ -254,6 +254,7 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
         "num_epochs": train_args.get("num_epochs"),
         "pretrained": (train_args.get("initialised_from") or train_args.get("pretrained")
                        or "none (random initialisation)"),
+        "backbone_provenance": _backbone_provenance(ckpt),
         "seed": train_args.get("seed"),
         "model_ema_decay": train_args.get("model_ema_decay"),
         "distillation": {"weight": train_args.get("distill_weight"), "file": train_args["soft_labels"],
@@ -278,6 +279,14 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
         "n_train_unlabelled": sum(s.label < 0 for s in train_samples or ()),
     }
     return env.get_template(CARD_TEMPLATE).render(**context)
+
+
+def _backbone_provenance(ckpt: dict) -> dict | None:
+    """The face-recognition MobileFaceNet's origin and licence caveat, for any model built on it."""
+    from race_classifier.models import mobilefacenet
+    if not mobilefacenet.uses_mobilefacenet(ckpt):
+        return None
+    return {"origin": mobilefacenet.PROVENANCE, "warning": mobilefacenet.LICENCE_WARNING}
 
 
 def _range_rule(bins) -> str:
