@@ -6,6 +6,7 @@ import logging
 import sys
 
 from race_classifier import __version__
+from race_classifier.utils import add_hidden_aliases
 
 
 def setup_logging() -> None:
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, module, options in stages:
         p = sub.add_parser(name, help=help_text)
         module.add_arguments(p, **options)
+        add_hidden_aliases(p)
         p.set_defaults(func=module.run)
 
     p = sub.add_parser("synth", help="generate the embedded synthetic smoke-test dataset (abstract patterns)")

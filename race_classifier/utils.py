@@ -109,3 +109,26 @@ def add_amp_argument(parser) -> None:
                         help="run a PyTorch model under autocast: bf16 is about 2x faster on CPUs with bf16 units and "
                              "on GPUs, fp16 is CUDA only; probabilities move by ~0.003 on average. ONNX "
                              "files run as exported")
+
+
+# Older spellings that keep working, hidden from --help: the seed documents' style is --model_path, --batch_size.
+FLAG_ALIASES = {"--model_path": ("--model",)}
+
+
+def add_hidden_aliases(parser) -> None:
+    """For every --flag_with_underscores of ``parser``, accept --flag-with-dashes too (and FLAG_ALIASES), each
+    hidden from --help. argparse has no alias support; each alias is a copy of the flag's action under another
+    option string, with no default of its own (the flag's default stays the one that applies)."""
+    import argparse
+    import copy
+    own = {s for action in parser._actions for s in action.option_strings}
+    for action in list(parser._actions):
+        for flag in action.option_strings:
+            aliases = (*FLAG_ALIASES.get(flag, ()), *(("--" + flag[2:].replace("_", "-"),) if "_" in flag else ()))
+            for alias in aliases:
+                if alias in own:
+                    continue
+                hidden = copy.copy(action)
+                hidden.option_strings, hidden.help, hidden.default, hidden.required = [alias], argparse.SUPPRESS, argparse.SUPPRESS, False
+                parser._add_action(hidden)  # private, but the only way to register a prepared action
+                own.add(alias)

@@ -211,3 +211,29 @@ def test_export_refuses_to_write_over_its_checkpoint_or_one_output_over_the_othe
     assert model_path.read_bytes() == before and not (tmp_path / "m.onnx").exists()
     assert cli_main(["export", "--model_path", str(model_path), "--output", str(model_path)]) == 2
     assert model_path.read_bytes() == before
+
+
+def test_onnx_files_of_one_network_store_its_weights_once(tmp_path):
+    """A model and its merged-classes form (the bundled fairface7 and seed5) share one external data file; both
+    still compute what they computed before, and running it again changes nothing."""
+    from race_classifier.export.onnx import export_graph
+    from race_classifier.export.shared_weights import store_weights_once
+    from race_classifier.models.merged import MergedRaceClasses
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 7)).eval()
+    merged = MergedRaceClasses(net, [0, 1, 2, 3, 3, 4, 0], 5, temperature=1.3).eval()
+    paths = [tmp_path / "fine.onnx", tmp_path / "merged.onnx"]
+    for model, path in zip((net, merged), paths):
+        export_graph(model, path, image_size=16)
+    x = np.random.default_rng(0).normal(size=(3, 3, 16, 16)).astype(np.float32)
+
+    def outputs():
+        return [ort.InferenceSession(str(p)).run(None, {"input": x})[0] for p in paths]
+    before, sizes = outputs(), [p.stat().st_size for p in paths]
+    stats = store_weights_once(paths, "weights.data")
+    assert stats["shared"] >= 1 and stats["bytes"] < sum(sizes)  # the conv and linear weights, once
+    assert all(p.stat().st_size < s for p, s in zip(paths, sizes))
+    assert all(np.array_equal(a, b) for a, b in zip(before, outputs()))
+    data = (tmp_path / "weights.data").read_bytes()
+    assert store_weights_once(paths, "weights.data") == stats and (tmp_path / "weights.data").read_bytes() == data

@@ -15,6 +15,7 @@ import logging
 
 from race_classifier.export.onnx import DEFAULT_OPSET, FP32_TOLERANCE, ExportReport, draw, export_checkpoint
 from race_classifier.export.quantize import CALIBRATION_METHODS, DEFAULT_CALIBRATION
+from race_classifier.models.bundled import resolve_arguments
 
 log = logging.getLogger("race_classifier.export")
 
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from race_classifier.utils import atomic_write_text
 
     # Manifests are read in the model's own classes (or mapped into them); an unknown label stops here, first.
+    resolve_arguments(args, "model_path", checkpoint=True)
     ckpt = load_checkpoint(args.model_path)
     taxonomy = Taxonomy.from_dict(ckpt["taxonomy"])
     mapping = label_mapping(ckpt, get_taxonomy(args.source_taxonomy)) if args.source_taxonomy else None

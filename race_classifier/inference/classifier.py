@@ -1,7 +1,7 @@
 """The Python API for classifying faces in new photos: detect, align, classify.
 
     from race_classifier import Classifier
-    clf = Classifier.load("runs/fairface_seed5/mnv2_112/best.pt")
+    clf = Classifier.load()                      # the bundled seed5 model; or "fairface7", or a model file
     result = clf.predict("group.jpg")            # or a PIL image, or an array with channels="RGB"/"BGR"
     for face in result.faces:
         print(face.box, face.label, face.confidence)
@@ -152,10 +152,11 @@ class Classifier:
         self.chip_size = max(FAIRFACE_CHIP_SIZE, predictor.preprocessing.image_size)
 
     @classmethod
-    def load(cls, path: str | Path, *, labels=None, image_size: int | None = None, mean=None, std=None,
+    def load(cls, path: str | Path | None = None, *, labels=None, image_size: int | None = None, mean=None, std=None,
              device: str = "cpu", abstain: bool = False, tta: bool = False, amp: str = "off",
              **options) -> "Classifier":
-        """A classifier for any model file ``load_predictor`` reads; ``options`` as for ``Classifier``.
+        """A classifier for any model file ``load_predictor`` reads, or a bundled model's name (``seed5``, the
+        default, or ``fairface7``); ``options`` as for ``Classifier``.
 
         ``abstain``: faces below the model's stored abstention threshold (fitted on validation data) are
         labelled ``uncertain``; an explicit ``min_confidence`` wins over it. ``tta``: each face's
@@ -166,7 +167,7 @@ class Classifier:
         if abstain and options.get("min_confidence") is None:
             if predictor.abstention_threshold is None:
                 raise ValueError(f"{path} has no stored abstention threshold: calibrate it with "
-                                 "`race-classifier calibrate` (or give --min-confidence)")
+                                 "`race-classifier calibrate` (or give --min_confidence)")
             options["min_confidence"] = predictor.abstention_threshold
         return cls(predictor, **options)
 
@@ -190,7 +191,7 @@ class Classifier:
 
     @property
     def detector(self) -> FaceDetector:
-        if self._detector is None:  # built on first use: --no-detect never needs it
+        if self._detector is None:  # built on first use: --no_detect never needs it
             self._detector = FaceDetector(**self._detector_options)
         return self._detector
 

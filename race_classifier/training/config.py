@@ -10,6 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from race_classifier.models.bundled import bundled_names, model_file
+from race_classifier.utils import add_hidden_aliases
+
 BALANCE_MODES = ("none", "sampler", "loss", "group")
 BEST_METRICS = ("val_accuracy", "val_balanced_accuracy", "val_worst_class_accuracy", "val_loss")
 
@@ -39,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="torchvision:mobilenet_v2",
                    help="timm model name, or 'torchvision:<name>' for torchvision's")
-    g.add_argument("--pretrained", help="local weights file (offline), 'default' or 'hf-hub:<repo>' (online)")
+    g.add_argument("--pretrained", help="local weights file (offline), a bundled model (fairface7: fine-tune from it; "
+                   "its classifier too where the classes match), 'default' or 'hf-hub:<repo>' (online)")
     g.add_argument("--initial_checkpoint", metavar="CHECKPOINT",
                    help="start from every weight of a checkpoint of this architecture, classes and heads (e.g. a "
                         "run at a lower --image_size, fine-tuned here at a higher one); --pretrained is then unused")
@@ -132,6 +136,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> argparse.Namespace:
     parser = add_arguments(argparse.ArgumentParser(prog=prog, description="Train a face race classifier."))
+    add_hidden_aliases(parser)
     return resolve(parser, argv)
 
 
@@ -153,6 +158,10 @@ def resolve(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse
                 action.required = False
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
+    for name in ("pretrained", "initial_checkpoint"):  # a bundled model's name: its checkpoint
+        value = getattr(args, name)
+        if value in bundled_names() and not Path(value).exists():
+            setattr(args, name, str(model_file(value, checkpoint=True)))
     if not args.checkpoint_dir:
         args.checkpoint_dir = str(Path("runs") / args.dataset)
     if not args.log_file:

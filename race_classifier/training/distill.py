@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from race_classifier.data.manifest import Sample
+from race_classifier.models.bundled import resolve_arguments
 from race_classifier.utils import add_amp_argument, file_sha256
 
 log = logging.getLogger("race_classifier.distill")
@@ -141,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from race_classifier.labels import get_mapping, get_taxonomy
     from race_classifier.models.loaders import load_predictor
 
+    resolve_arguments(args, "model_path")
     teachers = [load_predictor(p, device=args.device, tta=args.tta, amp=args.amp) for p in args.model_path]
     taxonomy = get_taxonomy(args.taxonomy) if args.taxonomy else teachers[0].taxonomy
     mapping = get_mapping(get_taxonomy(args.source_taxonomy), taxonomy) if args.source_taxonomy else None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from race_classifier.models.bundled import resolve_arguments
+
 
 # a member's own post-training changes (rebalance) stay in its description, not the ensemble's
 MEMBER_CHANGES = ("last_layer_rebalance", "min_recall", "recall_offsets", "recall_offsets_cross_fit", "rebalanced_from")
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.coverage <= 1:
         raise ValueError(f"--coverage must be in (0, 1], got {args.coverage}")
+    resolve_arguments(args, "model_path", checkpoint=True)
     out = output_path(args.out_dir, *args.model_path)
     ckpt = ensemble_checkpoint(args.model_path)
     taxonomy, train_args = Taxonomy.from_dict(ckpt["taxonomy"]), ckpt["train_args"]

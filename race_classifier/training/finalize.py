@@ -28,6 +28,9 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from race_classifier.models.bundled import bundled_names, resolve_arguments
+from race_classifier.utils import atomic_torch_save
+
 if TYPE_CHECKING:  # the CLI parser imports this module for every subcommand: heavy imports happen when used
     import numpy as np
     import torch
@@ -372,7 +375,9 @@ def _merged_classes_change(merge: dict | None) -> str | None:
 # --- race-classifier calibrate ----------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model_path", required=True, help="a race-classifier checkpoint (best.pt); rewritten in place")
+    p.add_argument("--model_path", required=True, help="a race-classifier checkpoint (best.pt), rewritten in place "
+                   "unless --out_dir is given, or a bundled model (seed5, fairface7; needs --out_dir)")
+    p.add_argument("--out_dir", help="write the recalibrated model and its card to <out_dir>/best.pt instead")
     p.add_argument("--val_txt", required=True, help="validation manifest to fit the temperature and threshold on "
                    "(never the test set you report)")
     p.add_argument("--coverage", type=float, default=DEFAULT_COVERAGE,
@@ -437,7 +442,18 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.coverage <= 1:
         raise ValueError(f"--coverage must be in (0, 1], got {args.coverage}")
+    bundled = not Path(args.model_path).exists() and args.model_path in bundled_names()
+    resolve_arguments(args, "model_path", checkpoint=True)
     ckpt = load_checkpoint(args.model_path)
+    if args.out_dir:  # a copy that holds its own weights (a bundled seed5.pt shares fairface7.pt's)
+        out = output_path(args.out_dir, args.model_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.pop("weights_from", None)
+        atomic_torch_save(ckpt, out)
+        args.model_path = str(out)
+    elif bundled:
+        raise ValueError(f"{args.model_path} is a model installed with the package: give --out_dir for the "
+                         "recalibrated copy")
     taxonomy = Taxonomy.from_dict(ckpt["taxonomy"])
     train_args = ckpt.get("train_args") or {}
     mapping = training_label_mapping(train_args, taxonomy, args.source_taxonomy, args.label_map)

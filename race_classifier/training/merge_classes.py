@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from race_classifier.models.bundled import resolve_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_path", required=True, help="a race-classifier checkpoint trained in the finer classes")
@@ -112,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.coverage <= 1:
         raise ValueError(f"--coverage must be in (0, 1], got {args.coverage}")
+    resolve_arguments(args, "model_path", checkpoint=True)
     out = output_path(args.out_dir, args.model_path)
     ckpt = load_checkpoint(args.model_path)
     refuse_merged(ckpt, args.model_path)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from race_classifier.models.bundled import resolve_arguments
+
 log = logging.getLogger("race_classifier.rebalance")
 BALANCES = ("none", "sampler", "group", "recall")
 
@@ -287,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
     from race_classifier.training.merge_classes import label_mapping
     from race_classifier.training.finalize import finalize_run, output_path
     from race_classifier.utils import atomic_torch_save
+    resolve_arguments(args, "model_path", checkpoint=True)
     ckpt = load_checkpoint(args.model_path)
     if ckpt.get("ensemble") and args.balance != "recall":
         raise ValueError(f"{args.model_path} is an ensemble: refit the last layers of its members "
