@@ -116,19 +116,27 @@ FLAG_ALIASES = {"--model_path": ("--model",)}
 
 
 def add_hidden_aliases(parser) -> None:
-    """For every --flag_with_underscores of ``parser``, accept --flag-with-dashes too (and FLAG_ALIASES), each
-    hidden from --help. argparse has no alias support; each alias is a copy of the flag's action under another
-    option string, with no default of its own (the flag's default stays the one that applies)."""
+    """For every --flag_with_underscores of ``parser``, accept --flag-with-dashes too (and FLAG_ALIASES), as
+    extra option strings of the same argument (so a required flag given by its alias counts as given), left
+    out of --help by the parser's formatter."""
     import argparse
-    import copy
-    own = {s for action in parser._actions for s in action.option_strings}
+
+    class HiddenAliasesFormatter(parser.formatter_class):
+        def _format_action_invocation(self, action):
+            hidden = getattr(action, "hidden_aliases", ())
+            if not hidden:
+                return super()._format_action_invocation(action)
+            shown = argparse.Action([s for s in action.option_strings if s not in hidden], action.dest,
+                                    nargs=action.nargs, metavar=action.metavar)
+            return super()._format_action_invocation(shown)
+
     for action in list(parser._actions):
-        for flag in action.option_strings:
-            aliases = (*FLAG_ALIASES.get(flag, ()), *(("--" + flag[2:].replace("_", "-"),) if "_" in flag else ()))
-            for alias in aliases:
-                if alias in own:
-                    continue
-                hidden = copy.copy(action)
-                hidden.option_strings, hidden.help, hidden.default, hidden.required = [alias], argparse.SUPPRESS, argparse.SUPPRESS, False
-                parser._add_action(hidden)  # private, but the only way to register a prepared action
-                own.add(alias)
+        aliases = [alias for flag in list(action.option_strings)
+                   for alias in (*FLAG_ALIASES.get(flag, ()), *(("--" + flag[2:].replace("_", "-"),) if "_" in flag else ()))
+                   if alias not in parser._option_string_actions]
+        for alias in aliases:  # argparse has no public way to add an option string to an existing argument
+            action.option_strings.append(alias)
+            parser._option_string_actions[alias] = action
+        if aliases:
+            action.hidden_aliases = (*getattr(action, "hidden_aliases", ()), *aliases)
+    parser.formatter_class = HiddenAliasesFormatter

@@ -11,9 +11,9 @@ A table lives between two marker comments in a page of docs/, for any subcommand
     <!-- /flags:predict -->
 
 The parsers are the ones the command line uses: ``race_classifier.cli.build_parser()``'s subcommands, and for
-``train`` ``race_classifier.training.config.add_arguments`` on a fresh parser (train.py's). Options whose help is
-``argparse.SUPPRESS`` are left out: they are the hidden aliases (old spellings such as ``--model`` and
-``--batch-size``), which keep working but are not documented. A default that depends on the machine (the number
+``train`` ``race_classifier.training.config.add_arguments`` on a fresh parser (train.py's). Hidden aliases (old
+spellings such as ``--model`` and ``--batch-size``, race_classifier.utils.add_hidden_aliases) keep working but
+are not documented, nor are options whose help is ``argparse.SUPPRESS``. A default that depends on the machine (the number
 of CPUs) is written as the rule, e.g. ``min(4, CPUs)``, so the tables do not change from one machine to another.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def machine_defaults() -> dict[tuple[str, str], str]:
 
 
 def _documented(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    """The parser's options as documented: not --help, not the hidden aliases (help=SUPPRESS)."""
+    """The parser's options as documented: not --help, not hidden options (help=SUPPRESS)."""
     return [a for a in parser._actions if a.help != argparse.SUPPRESS
             and not isinstance(a, (argparse._HelpAction, argparse._VersionAction))]
 
@@ -90,7 +90,8 @@ def _cell(text: str) -> str:
 def _flag(action: argparse.Action) -> str:
     if not action.option_strings:  # a positional argument
         return f"`{action.metavar or action.dest}`"
-    names = ", ".join(f"`{s}`" for s in action.option_strings)
+    hidden = getattr(action, "hidden_aliases", ())  # old spellings (utils.add_hidden_aliases), not documented
+    names = ", ".join(f"`{s}`" for s in action.option_strings if s not in hidden)
     if isinstance(action.nargs, int) and action.nargs > 1:
         names += f" ({action.nargs} values)"
     elif action.nargs == "+":

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model_path", help="a bundled model (seed5, the default, or fairface7), or a checkpoint, "
                    "exported ONNX, FairFace ResNet-34 or TorchScript file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port)")
     p.add_argument("--workers", type=int, default=2, help="inferences run at once (threads in one process)")
     p.add_argument("--queue", type=int, default=16, help="requests that may wait for a worker; more get 503")
     p.add_argument("--max_bytes", type=int, default=10 * MB, help="largest upload of one image, bytes (413)")
