@@ -4,15 +4,15 @@
 Photos are composed from ../shared FairFace crops (4 faces each, 100-200 px, rotated up to 10 degrees, on a
 640x480 noisy background), so detection recall is measured too. In one run, on the same photos:
 
-* detector only (RetinaFace-MobileNet0.25 at the default detection size, and at --detect-sizes);
+* detector only (RetinaFace-MobileNet0.25 at the default detection size, and at --detect_sizes);
 * end to end per photo, one photo at a time (detect + align + classify): median and p95 latency;
-* throughput: all photos through ``Classifier.predict_batch`` with crops batched by --batch-size.
+* throughput: all photos through ``Classifier.predict_batch`` with crops batched by --batch_size.
 
 Speeds are also given as ratios within the run (detection's share of the end-to-end time; batched vs
 one-at-a-time throughput): machines here are shared and noisy. ``--detectors retinaface,mtcnn`` adds
 facenet-pytorch's MTCNN for comparison when it is importable (install it with --no-deps).
 
-    python bench/predict_latency.py --model runs/fairface_seed5/mnv2_112/best.pt [--photos 20] [--json out.json]
+    python bench/predict_latency.py [--model_path seed5] [--photos 20] [--json out.json]
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from PIL import Image
 from race_classifier.inference.classifier import Classifier
 from race_classifier.inference.compose import compose_photo
 from race_classifier.inference.detector import FaceDetector
+from race_classifier.utils import add_hidden_aliases
 
 FAIRFACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fairface" / "train"
 
@@ -91,13 +92,14 @@ def row(name: str, times: list[float], **extra) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model_path", default="seed5", help="a bundled model name or a model file (default seed5)")
     ap.add_argument("--photos", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--detect-sizes", default="480,640", help="detection sizes to time (longer side)")
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--detect_sizes", default="480,640", help="detection sizes to time (longer side)")
     ap.add_argument("--detectors", default="retinaface", help="retinaface[,mtcnn]")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (as predict's --threads; 0: torch's)")
     ap.add_argument("--json")
+    add_hidden_aliases(ap)
     args = ap.parse_args(argv)
     if not FAIRFACE.is_dir():
         print(f"needs FairFace crops at {FAIRFACE} to compose photos with faces", file=sys.stderr)
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
         else:
             t, boxes = timed(detect, [p for p, _ in placed])
             rows.append(row("detector mtcnn (facenet-pytorch)", t, recall=recall(boxes, placed)))
-    clf = Classifier.load(args.model, batch_size=args.batch_size)
+    clf = Classifier.load(args.model_path, batch_size=args.batch_size)
     t_det, _ = timed(clf.detector.detect, images)
     t_e2e, results = timed(lambda im: clf.predict(im, channels="RGB"), images)
     share = float(np.median(t_det) / np.median(t_e2e))
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
     rows.append({"what": f"end to end, batch {args.batch_size}", "photos_per_s": len(images) / elapsed,
                  "faces_per_s": faces / elapsed, "speedup_vs_one_at_a_time": (len(images) / elapsed) /
                  (len(images) / sum(t_e2e))})
-    print(f"{len(images)} photos of 640x480, 4 FairFace faces each; model {args.model} "
+    print(f"{len(images)} photos of 640x480, 4 FairFace faces each; model {args.model_path} "
           f"({clf.predictor.preprocessing.image_size} px); {faces} faces classified")
     print(f"{'':36s} {'median ms':>10s} {'p95 ms':>8s} {'recall':>7s} {'photos/s':>9s}  ratio")
     for r in rows:

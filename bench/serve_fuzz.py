@@ -9,7 +9,7 @@ the machine). Bounded: --examples per operation and mode. Exits 1 on any 5xx.
 Not part of the pytest suite: a few hundred requests through detection take tens of seconds, and
 generated inputs vary between schemathesis releases; the suite's own refusal tests are deterministic.
 
-    python bench/serve_fuzz.py --model runs/fairface_seed5/model.onnx [--examples 150] [--json out.json]
+    python bench/serve_fuzz.py [--model_path seed5] [--examples 150] [--json out.json]
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from schemathesis import GenerationMode
 from race_classifier.inference.classifier import Classifier
 from race_classifier.serving.app import create_app
 from race_classifier.serving.limits import Limits
+from race_classifier.utils import add_hidden_aliases
 
 
 def fuzz_operation(op, mode: GenerationMode, examples: int, seed: int):
@@ -51,13 +52,14 @@ def fuzz_operation(op, mode: GenerationMode, examples: int, seed: int):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="runs/fairface_seed5/model.onnx")
+    p.add_argument("--model_path", default="seed5", help="a bundled model name or a model file (default seed5)")
     p.add_argument("--examples", type=int, default=150, help="generated requests per operation and mode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
+    add_hidden_aliases(p)
     args = p.parse_args(argv)
 
-    app = create_app(Classifier.load(args.model), Limits(max_bytes=1024 * 1024, max_pixels=4_000_000))
+    app = create_app(Classifier.load(args.model_path), Limits(max_bytes=1024 * 1024, max_pixels=4_000_000))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     rows, failures, start = [], [], time.perf_counter()
     for result in schema.get_all_operations():

@@ -4,10 +4,10 @@
 Starts ``race-classifier serve`` itself, as a separate process on 127.0.0.1 and a free port (so the clients
 do not share its interpreter), waits for /healthz, then sends --requests POST /v1/predict of one photo from
 --concurrency client threads (keep-alive connections), and stops the server. Bounded: at most --requests
-requests and --max-seconds of sending. The photo is composed from four ../shared FairFace crops (640x480),
+requests and --max_seconds of sending. The photo is composed from four ../shared FairFace crops (640x480),
 or, without ../shared, a synthetic one (no faces: detection only). Exits 1 on any error.
 
-    python bench/serve_load.py --model runs/fairface_seed5/model.onnx [--requests 2000] [--concurrency 8] [--json out.json]
+    python bench/serve_load.py [--model_path seed5] [--requests 2000] [--concurrency 8] [--json out.json]
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from race_classifier.utils import add_hidden_aliases
 
 FAIRFACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fairface" / "train"
 
@@ -49,7 +51,7 @@ def free_port() -> int:
 
 
 def start_server(args, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "race_classifier.cli", "serve", "--model", args.model, "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "race_classifier.cli", "serve", "--model_path", args.model_path, "--host", "127.0.0.1",
            "--port", str(port), "--workers", str(args.workers), "--queue", str(args.queue), "--log-level", "warning"]
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + 120
@@ -112,13 +114,14 @@ def load(url: str, photo: bytes, requests: int, concurrency: int, max_seconds: f
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="runs/fairface_seed5/model.onnx")
+    p.add_argument("--model_path", default="seed5", help="a bundled model name or a model file (default seed5)")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=8, help="client threads, one keep-alive connection each")
     p.add_argument("--workers", type=int, default=2, help="the server's inference workers")
     p.add_argument("--queue", type=int, default=16, help="the server's queue bound (>= concurrency - workers: no 503)")
-    p.add_argument("--max-seconds", type=float, default=300, help="stop sending after this long")
+    p.add_argument("--max_seconds", type=float, default=300, help="stop sending after this long")
     p.add_argument("--json", help="write the results here")
+    add_hidden_aliases(p)
     args = p.parse_args(argv)
 
     photo, kind = test_photo()
@@ -129,11 +132,11 @@ def main(argv=None) -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    result.update(model=args.model, photo=kind, photo_bytes=len(photo), concurrency=args.concurrency,
+    result.update(model=args.model_path, photo=kind, photo_bytes=len(photo), concurrency=args.concurrency,
                   workers=args.workers, queue=args.queue)
 
     print(f"POST /v1/predict, {kind} ({len(photo)} bytes); {args.concurrency} clients, "
-          f"server: {args.workers} workers, queue {args.queue}; model {args.model}")
+          f"server: {args.workers} workers, queue {args.queue}; model {args.model_path}")
     print(f"{'requests':>8} {'seconds':>8} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7} {'errors':>6}")
     print(f"{result['requests']:>8} {result['seconds']:>8} {result['throughput_rps']:>7} {result['p50_ms']:>7} "
           f"{result['p95_ms']:>7} {result['p99_ms']:>7} {result['max_ms']:>7} {result['errors']:>6}")
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if result["requests"] < args.requests:
-        print(f"stopped after --max-seconds {args.max_seconds:g}: {result['requests']} of {args.requests} requests")
+        print(f"stopped after --max_seconds {args.max_seconds:g}: {result['requests']} of {args.requests} requests")
     return 1 if result["errors"] else 0
 
 
