@@ -227,7 +227,9 @@ def evaluate_variant(variant: str, checkpoint: Path, recipe, val_txt: str, args)
     predictor = load_predictor(checkpoint)
     model_taxonomy = predictor.taxonomy
     taxonomy = get_taxonomy(args.eval_taxonomy) if args.eval_taxonomy else model_taxonomy
-    source = get_taxonomy(recipe.source_taxonomy) if recipe.source_taxonomy else model_taxonomy
+    # The manifests' labels are in the recipe's classes (or its --source_taxonomy), whatever the model answers
+    # in: a merged model (fairface7 -> seed5) is scored on the recipe's fairface7 labels mapped into seed5.
+    source = get_taxonomy(recipe.source_taxonomy or recipe.taxonomy)
     mapping = None
     if recipe.label_map or source.classes != taxonomy.classes:
         mapping = get_mapping(source, taxonomy, load_label_map(recipe.label_map) if recipe.label_map else None)

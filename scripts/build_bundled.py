@@ -193,7 +193,8 @@ def compose_group_photo(shared: Path, chosen: list[str]) -> int:
             picks.append(key)
             seen.add(race_of[Path(key).name])
     crops = [Image.open(shared / "data" / "fairface" / key) for key in picks]
-    photo, _ = compose_photo(crops, size=(960, 560), side_range=(170, 200), max_angle=6, seed=1, grid=(3, 2))
+    photo, _ = compose_photo(crops, size=(960, 560), side_range=(170, 200), max_angle=6, background="plain",
+                             seed=1, grid=(3, 2))
     photo.save(GROUP_PHOTO, quality=90)
     return len(crops)
 

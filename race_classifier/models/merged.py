@@ -49,4 +49,6 @@ class MergedRaceClasses(nn.Module):
         race, rest = logits[:, :self.num_source], logits[:, self.num_source:]
         probs = torch.softmax(race.float() / self.temperature, dim=1)
         merged = torch.log((probs @ self.membership).clamp_min(LOG_FLOOR_PROBABILITY)) + self.offsets
+        if rest.shape[1] == 0:  # race only: no empty tensor in the graph (int8 calibration cannot range one)
+            return merged.to(logits.dtype)
         return torch.cat([merged.to(logits.dtype), rest], dim=1)
