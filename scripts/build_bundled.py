@@ -216,7 +216,28 @@ def sample_accuracy(model_path: Path, taxonomy_name: str) -> dict:
     return {"n": len(samples), "accuracy": round(float(correct) / len(samples), 6)}
 
 
-def append_bundle_section(card: Path, name: str, manifest: dict) -> None:
+def bench(*argv: str) -> str:
+    """A bench/ script's console table (its stdout), as run from the repository."""
+    print("+ python", " ".join(argv), flush=True)
+    return subprocess.run([sys.executable, *argv], check=True, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def measure(out: Path) -> dict:
+    """bench/accuracy.py on the hold-out split for each model (its checkpoint: the same network as its ONNX
+    file) and bench/predict_latency.py with the seed5 ONNX file: {"accuracy": {name: (table, row)}, "latency"}."""
+    results = {"accuracy": {}}
+    for name in ("seed5", "fairface7"):
+        json_path = ROOT / "runs" / "bench" / f"bundled_{name}.json"
+        table = bench("bench/accuracy.py", "--config", str(CONFIG), "--model_path", f"{name}={out / f'{name}.pt'}",
+                      "--json", str(json_path))
+        results["accuracy"][name] = (table, json.loads(json_path.read_text(encoding="utf-8"))["rows"][0])
+    latency_json = ROOT / "runs" / "bench" / "bundled_predict_latency.json"
+    results["latency"] = (bench("bench/predict_latency.py", "--model_path", str(out / "seed5.onnx"), "--json",
+                                str(latency_json)), json.loads(latency_json.read_text(encoding="utf-8")))
+    return results
+
+
+def append_bundle_section(card: Path, name: str, manifest: dict, measured: dict) -> None:
     model = manifest["models"][name]
     files = [model["onnx"], model["checkpoint"], *([model["onnx_int8"]] if model.get("onnx_int8") else []),
              DATA_FILE]
@@ -231,6 +252,19 @@ Taken by name wherever a model is: `race-classifier predict photo.jpg --model_pa
 `evaluation.py --model_path {name}`, `Classifier.load("{name}")`. {extra}
 On the demo sample (demo/fairface_sample: {model['sample']['onnx']['n']} hold-out images downsized to
 {SAMPLE_SIZE} px): top-1 {100 * model['sample']['onnx']['accuracy']:.2f}% (ONNX).
+
+Measured on the hold-out split by `bench/accuracy.py` (the figures above, as the benchmark reports them):
+
+```
+{measured['accuracy'][name][0]}
+```
+
+`predict` with the bundled seed5 ONNX file on photos composed from FairFace faces (`bench/predict_latency.py`,
+one thread, this build's machine):
+
+```
+{measured['latency'][0]}
+```
 
 | file | sha256 |
 | --- | --- |
@@ -326,8 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     hashed = lambda: {f.name: {"sha256": file_sha256(f), "bytes": f.stat().st_size}  # noqa: E731
                       for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST}
     manifest["files"] = hashed()
+    measured = measure(out)
+    for name, (_, row) in measured["accuracy"].items():
+        manifest["models"][name]["holdout"]["bench"] = row
+    manifest["build"]["predict_latency"] = measured["latency"][1]
     for name in manifest["models"]:  # the cards name the other files' hashes, then are hashed themselves
-        append_bundle_section(out / f"{name}.MODEL_CARD.md", name, manifest)
+        append_bundle_section(out / f"{name}.MODEL_CARD.md", name, manifest, measured)
     manifest["files"] = hashed()
     manifest["demo"] = {"group_photo": {"sha256": file_sha256(GROUP_PHOTO), "faces": faces},
                         "sample": {"csv": str((SAMPLE / SAMPLE_CSV).relative_to(ROOT)), "images": len(chosen),
