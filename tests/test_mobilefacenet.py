@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from race_classifier.data.transforms import ChipBoxCrop, Preprocessing, build_transform
-from race_classifier.inference.align import (ARCFACE_TEMPLATE, FAIRFACE_ARCFACE_BOX, align_arcface, align_face,
-                                             arcface_chip_points, arcface_crop, arcface_matrix, chip_box)
+from race_classifier.data.transforms import (FAIRFACE_ARCFACE_BOX, ChipBoxCrop, Preprocessing, arcface_crop,
+                                             build_transform, chip_box)
+from race_classifier.inference.align import (ARCFACE_TEMPLATE, align_arcface, align_face, arcface_chip_points,
+                                             arcface_matrix)
 from race_classifier.models.factory import create_model
 from race_classifier.models.mobilefacenet import (MOBILEFACENET_MEAN, MOBILEFACENET_STD, ONNX_SHA256, MobileFaceNet,
                                                   OnnxWeightsError, load_onnx_weights, mobilefacenet_from_onnx,

@@ -11,6 +11,30 @@ from timm.data import create_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FAIRFACE_MARGIN = 0.25
+FAIRFACE_CHIP_SIZE = 224  # the released crops' size: chips are cut at it, then the model's transform resizes
+# On a 224 px FairFace chip (padding 0.25), the square (x0, y0, x1, y1) that approximates ArcFace's 112x112
+# five-point alignment (inference/align.py's ARCFACE_TEMPLATE; ../shared/weights/README.md).
+FAIRFACE_ARCFACE_BOX = (-10, -41, 231, 200)
+
+
+def arcface_crop() -> dict:
+    """Preprocessing.crop for ArcFace-aligned models: FairFace-geometry chips (aligned, margin 0.25) cut to
+    ``chip_box`` (pixels of a ``chip_size`` px chip, scaled to the chip's size; black outside it)."""
+    return {"aligned": True, "margin": FAIRFACE_MARGIN, "template": "arcface",
+            "chip_box": list(FAIRFACE_ARCFACE_BOX), "chip_size": FAIRFACE_CHIP_SIZE}
+
+
+def chip_box(crop: dict | None, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """The box of a ``width`` x ``height`` chip the model's input is cut from (``crop["chip_box"]``, scaled
+    from its ``chip_size``), or None when the model takes the whole chip."""
+    box = (crop or {}).get("chip_box")
+    if not box:
+        return None
+    reference = float((crop or {}).get("chip_size", FAIRFACE_CHIP_SIZE))
+    x0, y0, x1, y1 = (float(v) for v in box)
+    sx, sy = width / reference, height / reference
+    return x0 * sx, y0 * sy, x1 * sx, y1 * sy
 
 
 @dataclass(frozen=True)
@@ -52,7 +76,6 @@ class ChipBoxCrop:
         self.crop = dict(crop)
 
     def __call__(self, image):
-        from race_classifier.inference.align import chip_box
         x0, y0, x1, y1 = chip_box(self.crop, *image.size)
         left, top = round(x0), round(y0)
         return image.crop((left, top, left + round(x1 - x0), top + round(y1 - y0)))

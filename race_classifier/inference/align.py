@@ -29,8 +29,8 @@ import math
 import numpy as np
 from PIL import Image
 
-FAIRFACE_MARGIN = 0.25
-FAIRFACE_CHIP_SIZE = 224  # the released crops' size: chips are cut at it, then the model's transform resizes
+from race_classifier.data.transforms import FAIRFACE_CHIP_SIZE, FAIRFACE_MARGIN, arcface_crop, chip_box
+
 
 # Median RetinaFace landmarks on 1,200 FairFace chips (224 px, padding 0.25), as fractions of the chip:
 # left eye, right eye (image order), nose tip, left and right mouth corner.
@@ -121,35 +121,12 @@ def _warp(rgb: np.ndarray, matrix: np.ndarray, size: int) -> Image.Image:
 ARCFACE_SIZE = 112
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
                              [70.7299, 92.2041]])
-# On a 224 px FairFace chip (padding 0.25), the square (x0, y0, x1, y1) that approximates that alignment.
-FAIRFACE_ARCFACE_BOX = (-10, -41, 231, 200)
-
-
-def arcface_crop() -> dict:
-    """Preprocessing.crop for ArcFace-aligned models: FairFace-geometry chips (aligned, margin 0.25) cut to
-    ``chip_box`` (pixels of a ``chip_size`` px chip, scaled to the chip's size; black outside it)."""
-    return {"aligned": True, "margin": FAIRFACE_MARGIN, "template": "arcface",
-            "chip_box": list(FAIRFACE_ARCFACE_BOX), "chip_size": FAIRFACE_CHIP_SIZE}
-
-
 def crop_template(crop: dict | None) -> str:
     """The alignment a model expects: 'fairface' (dlib's chip, the default) or 'arcface'."""
     template = (crop or {}).get("template", "fairface")
     if template not in ("fairface", "arcface"):
         raise ValueError(f"unknown crop template {template!r} (this version knows fairface and arcface)")
     return template
-
-
-def chip_box(crop: dict | None, width: int, height: int) -> tuple[float, float, float, float] | None:
-    """The box of a ``width`` x ``height`` chip the model's input is cut from (``crop["chip_box"]``, scaled
-    from its ``chip_size``), or None when the model takes the whole chip."""
-    box = (crop or {}).get("chip_box")
-    if not box:
-        return None
-    reference = float((crop or {}).get("chip_size", FAIRFACE_CHIP_SIZE))
-    x0, y0, x1, y1 = (float(v) for v in box)
-    sx, sy = width / reference, height / reference
-    return x0 * sx, y0 * sy, x1 * sx, y1 * sy
 
 
 def arcface_matrix(landmarks, size: int = ARCFACE_SIZE) -> np.ndarray:

@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from race_classifier.data.transforms import arcface_crop
+
 log = logging.getLogger(__name__)
 
 ARCH = "mobilefacenet"
@@ -152,7 +154,6 @@ class MobileFaceNet(nn.Module):
             self.embedding = nn.Conv2d(FEATURE_SIZE, EMBEDDING_SIZE, 1, bias=True)
             self.head_drop = self.classifier = None
         # What the training code reads off a backbone (as off timm's): its normalisation and expected crop.
-        from race_classifier.inference.align import arcface_crop
         self.pretrained_cfg = {"mean": MOBILEFACENET_MEAN, "std": MOBILEFACENET_STD, "input_size": (3, 112, 112),
                                "crop": arcface_crop()}
 

@@ -39,7 +39,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from race_classifier.data.transforms import FAIRFACE_MARGIN, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, arcface_crop
 from race_classifier.heads import HeadLayout
 from race_classifier.models.checkpoint import load_checkpoint, save_checkpoint
 from race_classifier.models.factory import classifier_prefix, create_model, freeze_until
@@ -68,7 +68,6 @@ def _better(value: float | None, best: float | None, metric: str) -> bool:
 def training_crop(choice: str, pretrained_cfg: dict) -> dict:
     """Preprocessing.crop for --crop: arcface (ArcFace's alignment, as a box of FairFace's chips), fairface
     (the released chips whole), or auto: the backbone's own (its pretrained_cfg's crop), else fairface."""
-    from race_classifier.inference.align import FAIRFACE_MARGIN, arcface_crop
     own = (pretrained_cfg.get("crop") or {}).get("template")
     if choice == "arcface" or (choice == "auto" and own == "arcface"):
         return arcface_crop()
