@@ -24,7 +24,7 @@ from race_classifier.cli import build_parser
 from race_classifier.inference.classifier import Classifier
 from race_classifier.inference.compose import compose_photo
 from race_classifier.serving.app import create_app
-from race_classifier.serving.cli import serve_in_thread
+from race_classifier.serving.cli import build_app, serve_in_thread
 from race_classifier.serving.limits import Limits
 
 FAIRFACE = pytest.mark.shared("data/fairface/train")
@@ -204,8 +204,8 @@ def test_page_is_self_contained(client):
 
 
 def test_serve_command_is_registered():
-    args = build_parser().parse_args(["serve", "--model", "m.onnx", "--port", "0", "--workers", "3", "--abstain"])
-    assert (args.model, args.port, args.workers, args.abstain) == ("m.onnx", 0, 3, True)
+    args = build_parser().parse_args(["serve", "--model_path", "m.onnx", "--port", "0", "--workers", "3", "--abstain"])
+    assert (args.model_path, args.port, args.workers, args.abstain) == ("m.onnx", 0, 3, True)
 
 
 def test_serve_describes_a_model_file_without_metadata_as_predict_does(checkpoint, manifests, tmp_path):
@@ -332,6 +332,30 @@ def test_page_uploads_a_photo_and_shows_boxes_labels_and_bars(browser, face_app,
     assert boxes == 4 and len(cards) == 4 and width == 640
     assert all(label.strip() in [c.strip() for c in classes] + ["uncertain"] for label in labels)
     assert len(bars) == 4 * len(classes)
+
+
+def test_page_with_the_bundled_model_labels_every_face_of_the_bundled_group_photo(browser):
+    """What a new user sees first: `race-classifier serve` (the bundled seed5 model), the demo's group photo
+    uploaded, a box and a real class label on each face."""
+    from selenium.webdriver.common.by import By
+
+    from race_classifier.models.bundled import manifest
+    photo = Path(__file__).resolve().parents[1] / "demo" / "group_photo.jpg"
+    faces = manifest()["demo"]["group_photo"]["faces"]
+    app, _ = build_app(build_parser().parse_args(["serve"]))
+    with serve_in_thread(app) as url:
+        status = upload_in_page(browser, url, photo)
+        labels = [c.get_attribute("data-label") for c in browser.find_elements(By.CSS_SELECTOR, "#faces .face")]
+        boxes = browser.execute_script("return window.rcBoxesDrawn")
+        model = browser.find_element(By.ID, "model").text
+        # The drop box sits below the model line (an inline label's padding used to overlap it).
+        gap = browser.execute_script("return document.getElementById('drop').getBoundingClientRect().top - "
+                                     "document.getElementById('model').getBoundingClientRect().bottom")
+    assert gap >= 0, gap
+    assert status == f"{faces} faces", status
+    assert boxes == faces and len(labels) == faces
+    assert "Asian, Black, Indian, White, Latino_Hispanic" in model
+    assert all(label.strip() in ("Asian", "Black", "Indian", "White", "Latino_Hispanic") for label in labels)
 
 
 def test_page_shows_a_refusal_that_is_not_json_as_an_error(browser, crop_classifier, images, tmp_path):
