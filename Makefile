@@ -35,17 +35,19 @@ demo: install
 	@echo "== (a) the bundled seed5 model on a group photo: one CSV row and one box and label per face"
 	$(BIN)/race-classifier predict demo/group_photo.jpg --output $(RUN)/group_photo.csv \
 		--annotate $(RUN)/group_photo_annotated.jpg
-	@echo "== (b) its audit on labelled hold-out faces (half of demo/fairface_sample)"
-	$(BIN)/race-classifier prepare fairface demo/fairface_sample/labels.csv --out $(RUN) --taxonomy fairface7 \
-		--val_fraction 0.5
-	$(BIN)/python evaluation.py --val_txt $(RUN)/val.txt --source_taxonomy fairface7 --model_path seed5 \
+	@echo "== (b) its audit on labelled hold-out faces: half of demo/fairface_sample (see its ATTRIBUTION.md)"
+	$(BIN)/race-classifier prepare fairface demo/fairface_sample/labels.csv --out $(RUN)/fairface_sample \
+		--taxonomy fairface7 --val_fraction 0.5
+	$(BIN)/python evaluation.py --val_txt $(RUN)/fairface_sample/val.txt --source_taxonomy fairface7 --model_path seed5 \
 		--output_csv $(RUN)/seed5/results.csv --output_html $(RUN)/seed5/report.html
 	@echo "== (c) fine-tune the bundled fairface7 model on the other half, evaluate it, compare it with the bundled one"
 	$(BIN)/python train.py -c configs/demo_finetune.yaml --dataset fairface_demo_sample --checkpoint_dir $(RUN)/model \
-		--log_file $(RUN)/model/log.csv --train_txt $(RUN)/train.txt --val_txt $(RUN)/val.txt --overwrite
-	$(EVALUATE)
-	$(BIN)/race-classifier compare --val_txt $(RUN)/val.txt --model_path $(RUN)/model/best.pt --baseline_path fairface7 \
-		--output_csv $(RUN)/compare/results.csv --output_html $(RUN)/compare/report.html
+		--log_file $(RUN)/model/log.csv --train_txt $(RUN)/fairface_sample/train.txt \
+		--val_txt $(RUN)/fairface_sample/val.txt --overwrite
+	$(BIN)/python evaluation.py --val_txt $(RUN)/fairface_sample/val.txt --model_path $(RUN)/model/best.pt \
+		--output_csv $(RUN)/evaluation/results.csv --output_html $(RUN)/evaluation/report.html
+	$(BIN)/race-classifier compare --val_txt $(RUN)/fairface_sample/val.txt --model_path $(RUN)/model/best.pt \
+		--baseline_path fairface7 --output_csv $(RUN)/compare/results.csv --output_html $(RUN)/compare/report.html
 	@echo "Outputs in $(RUN)/: group_photo_annotated.jpg, seed5/report.html, evaluation/report.html, compare/report.html"
 else
 # A real dataset: a FairFace folder (with fairface_label_train.csv) or a root/<race>/<identity>/<image> tree.

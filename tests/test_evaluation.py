@@ -161,6 +161,7 @@ def test_evaluation_and_comparison_commands(trained_checkpoints, manifests, tmp_
         html = (out / "report.html").read_text()
         for section in ("summary", "per-class", "confusion", "calibration", "subgroups", "mistakes", "counts", "model"):
             assert f'id="{section}"' in html
+        assert f"images: {images}" in html  # where the figures come from
         assert "accuracy" in done.stdout and "[" in done.stdout  # CI printed
 
         cmp_out = tmp_path / "cmp"

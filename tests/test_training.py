@@ -236,18 +236,7 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(manifests, tmp
     # checkpoint: the batch trained since the first one is lost, as in a real kill. Polling last.pt from
     # here instead raced the few-batch epochs of this tiny set and failed on a loaded machine.
     args = train_args(manifests, run, "--num_epochs", "3", "--save_every_steps", "1", *options)
-    launcher = (
-        "import os, runpy, signal, sys\n"
-        "from race_classifier.training.train import Trainer\n"
-        "save_last = Trainer.save_last\n"
-        "def save_or_die(self, epoch, in_progress):\n"
-        "    if epoch == 1 and in_progress and self.progress.batches >= 2:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    save_last(self, epoch, in_progress)\n"
-        "Trainer.save_last = save_or_die\n"
-        f"sys.argv = ['train.py', *{args!r}]\n"
-        "runpy.run_path('train.py', run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, "-c", launcher], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = _kill_in_epoch_2(args)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     resume = torch.load(run / "last.pt", weights_only=True)["resume"]
     assert resume["epoch"] == 1 and resume["progress"]["batches"] == 1

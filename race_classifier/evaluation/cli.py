@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         from race_classifier.evaluation.report import render_report
         from race_classifier.evaluation.metrics import race_labelled
         render_report(evaluation, race_labelled(table), classes, {**model.info, "name": model.name},
-                      args.output_html, comparison=comparison)
+                      args.output_html, comparison=comparison, data_source=args.val_txt or args.root_dir)
         written.append(args.output_html)
     print("\nwrote " + ", ".join(written))
     return 0

@@ -409,13 +409,13 @@ def _comparison(comparison: dict, model_info: dict) -> dict:
 
 def render_report(evaluation: dict, predictions: pd.DataFrame, classes: list[str], model_info: dict,
                   out_path, comparison: dict | None = None, title: str | None = None,
-                  *, max_mistakes: int = 24) -> None:
+                  *, max_mistakes: int = 24, data_source: str | None = None) -> None:
     """Write the audit report for one model (and, given ``comparison``, against a baseline) to ``out_path``.
 
     ``evaluation`` comes from metrics.evaluate_predictions, ``comparison`` from compare.compare_predictions;
     ``predictions`` has path, y_true, y_pred (-1 unreadable), confidence, gender, age, error (race-labelled
     rows: the mistakes and counts are the race head's). Each extra head in ``evaluation["heads"]`` gets a
-    section of its own.
+    section of its own. ``data_source``: where the images came from (the manifest or folder), said under the title.
     """
     classes = [str(c) for c in classes]
     model_info = model_info or {}
@@ -426,6 +426,7 @@ def render_report(evaluation: dict, predictions: pd.DataFrame, classes: list[str
     context = {
         "title": title or f"Audit report \u2014 {_model_name(model_info, 'model')}",
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "data_source": data_source,
         "classes": classes,
         "summary": summary,
         "per_class": per_class,

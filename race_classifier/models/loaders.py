@@ -25,7 +25,7 @@ import torchvision
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from race_classifier.heads import FAIRFACE_AGE_RANGES, FAIRFACE_GENDERS, Head, HeadLayout
 from race_classifier.labels import Taxonomy, get_taxonomy
-from race_classifier.models.bundled import model_file
+from race_classifier.models.bundled import UnknownModelError, model_file
 from race_classifier.models.checkpoint import FORMAT, load_model
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,10 @@ def load_predictor(path: str | Path | None = None, *, labels=None, image_size: i
     checkpoint where it runs on a GPU or under autocast."""
     device = torch.device(device)
     amp_dtype = _amp_dtype(amp, device)
-    path = model_file(path, checkpoint=device.type != "cpu" or amp_dtype is not None)
+    try:
+        path = model_file(path, checkpoint=device.type != "cpu" or amp_dtype is not None)
+    except UnknownModelError as e:
+        raise ModelLoadError(str(e)) from None
     if amp_dtype is not None and path.suffix.lower() == ".onnx":
         log.warning("%s: --amp %s applies to PyTorch models; an ONNX file runs as exported", path, amp)
         amp_dtype = None

@@ -44,7 +44,6 @@ shape and stride.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from race_classifier.data.transforms import arcface_crop
+from race_classifier.utils import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -220,14 +220,6 @@ def onnx_parameters(path: str | Path) -> tuple[list[dict], list]:
                                        "(Mul(Sub(x, Abs(x)), c)); this converter does not know the graph")
             slopes.append(2.0 * inits[consts[0]])
     return convs, slopes
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_onnx_weights(model: MobileFaceNet, path: str | Path) -> int:
