@@ -2,25 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from race_classifier import __version__
-from race_classifier.utils import add_hidden_aliases
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def run_command(func, args) -> int:
-    """Run a subcommand; bad input (unknown label, malformed line, missing file) is one clear line, exit 2."""
-    setup_logging()
-    try:
-        return func(args)
-    except (ValueError, FileNotFoundError) as e:
-        logging.getLogger("race_classifier").error("%s", e)
-        return 2
+from race_classifier.utils import add_hidden_aliases, run_command
 
 
 def _synth(args) -> int:

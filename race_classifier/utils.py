@@ -140,3 +140,17 @@ def add_hidden_aliases(parser) -> None:
         if aliases:
             action.hidden_aliases = (*getattr(action, "hidden_aliases", ()), *aliases)
     parser.formatter_class = HiddenAliasesFormatter
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def run_command(func, args) -> int:
+    """Run a subcommand; bad input (unknown label, malformed line, missing file) is one clear line, exit 2."""
+    setup_logging()
+    try:
+        return func(args)
+    except (ValueError, FileNotFoundError) as e:
+        logging.getLogger("race_classifier").error("%s", e)
+        return 2

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from race_classifier.data.image_io import ImageLoadError, load_rgb
 from race_classifier.data.manifest import Sample
-from race_classifier.training.rng import seeded
+from race_classifier.rng import seeded
 
 
 class FaceDataset(Dataset):

@@ -20,7 +20,7 @@ from race_classifier.evaluation.runner import (load_eval_samples, predict_sample
 from race_classifier.heads import canonical_gender
 from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
 from race_classifier.models.loaders import load_predictor
-from race_classifier.utils import add_amp_argument, add_hidden_aliases, atomic_write_text
+from race_classifier.utils import add_amp_argument, add_hidden_aliases, atomic_write_text, run_command
 
 log = logging.getLogger("race_classifier.evaluate")
 
@@ -254,7 +254,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, baseline_required: bool = False, prog: str = "evaluation.py") -> int:
-    from race_classifier.cli import run_command
     parser = add_arguments(argparse.ArgumentParser(prog=prog, description=__doc__,
                                                    formatter_class=argparse.RawDescriptionHelpFormatter),
                            baseline_required)

@@ -27,6 +27,8 @@ from race_classifier.heads import FAIRFACE_AGE_RANGES, FAIRFACE_GENDERS, Head, H
 from race_classifier.labels import Taxonomy, get_taxonomy
 from race_classifier.models.bundled import UnknownModelError, model_file
 from race_classifier.models.checkpoint import FORMAT, load_model
+from race_classifier.models.merged import merge_summary
+from race_classifier.models.onnx_metadata import read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +233,6 @@ def _from_checkpoint(path: Path, device: torch.device, amp_dtype: torch.dtype | 
         from race_classifier.models.ensemble import describe_ensemble
         info["ensemble"] = describe_ensemble(ckpt["ensemble"])
     if ckpt.get("merged_classes"):
-        from race_classifier.training.merge_classes import merge_summary
         info["merged_classes"] = merge_summary(ckpt["merged_classes"])
     calibration = ckpt.get("calibration")
     if calibration:
@@ -266,7 +267,6 @@ def _load_onnx(path: Path, labels, image_size, mean, std) -> Predictor:
     and preprocessing in its metadata; any other ONNX file needs ``labels`` (and its preprocessing)."""
     import onnxruntime as ort
 
-    from race_classifier.export.onnx import read_metadata
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from race_classifier.labels import Taxonomy
+
 # log of a sum whose members all underflowed: a finite floor keeps softmax and the ONNX graph free of -inf
 LOG_FLOOR_PROBABILITY = 1e-30
 
@@ -52,3 +54,24 @@ class MergedRaceClasses(nn.Module):
         if rest.shape[1] == 0:  # race only: no empty tensor in the graph (int8 calibration cannot range one)
             return merged.to(logits.dtype)
         return torch.cat([merged.to(logits.dtype), rest], dim=1)
+
+
+def describe_merge(merge: dict) -> str:
+    """'East Asian + Southeast Asian -> Asian, Middle Eastern -> White' (classes left as they are unnamed)."""
+    source = Taxonomy.from_dict(merge["from"])
+    target = Taxonomy.from_dict(merge["taxonomy"])
+    members: dict[int, list[str]] = {}
+    for name, index in zip(source.classes, merge["table"]):
+        if index is not None:
+            members.setdefault(index, []).append(name)
+    parts = [f"{' + '.join(names)} -> {target.classes[i]}" for i, names in sorted(members.items())
+             if names != [target.classes[i]]]
+    dropped = [name for name, index in zip(source.classes, merge["table"]) if index is None]
+    if dropped:
+        parts.append(f"{', '.join(dropped)} dropped (the rest renormalised)")
+    return ", ".join(parts) or "each class into the class of the same name"
+
+
+def merge_summary(merge: dict) -> str:
+    """'trained in fairface7: East Asian + Southeast Asian -> Asian, ...' for model information and metadata."""
+    return f"trained in {merge['from']['name']}: {describe_merge(merge)}"

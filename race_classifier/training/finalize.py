@@ -366,7 +366,7 @@ def _merged_classes_change(merge: dict | None) -> str | None:
     """What ``race-classifier merge-classes`` changed, for the card (None: nothing)."""
     if not merge:
         return None
-    from race_classifier.training.merge_classes import describe_merge
+    from race_classifier.models.merged import describe_merge
     return (f"the model answers in classes merged from those it was trained in: the race probabilities of "
             f"`{merge.get('source', 'n/a')}` (temperature {merge.get('temperature', 1.0):.3f}) are summed, "
             f"{describe_merge(merge)}; the figures below are the merged classes'")

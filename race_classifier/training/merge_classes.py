@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 from race_classifier.models.bundled import resolve_arguments
+from race_classifier.models.merged import describe_merge
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,28 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "threshold answers")
     p.add_argument("--batch_size", type=int, default=64, help="images per model call while scoring --val_txt")
     p.add_argument("--workers", type=int, default=2, help="image-loading processes")
-
-
-def describe_merge(merge: dict) -> str:
-    """'East Asian + Southeast Asian -> Asian, Middle Eastern -> White' (classes left as they are unnamed)."""
-    from race_classifier.labels import Taxonomy
-    source = Taxonomy.from_dict(merge["from"])
-    target = Taxonomy.from_dict(merge["taxonomy"])
-    members: dict[int, list[str]] = {}
-    for name, index in zip(source.classes, merge["table"]):
-        if index is not None:
-            members.setdefault(index, []).append(name)
-    parts = [f"{' + '.join(names)} -> {target.classes[i]}" for i, names in sorted(members.items())
-             if names != [target.classes[i]]]
-    dropped = [name for name, index in zip(source.classes, merge["table"]) if index is None]
-    if dropped:
-        parts.append(f"{', '.join(dropped)} dropped (the rest renormalised)")
-    return ", ".join(parts) or "each class into the class of the same name"
-
-
-def merge_summary(merge: dict) -> str:
-    """'trained in fairface7: East Asian + Southeast Asian -> Asian, ...' for model information and metadata."""
-    return f"trained in {merge['from']['name']}: {describe_merge(merge)}"
 
 
 def label_mapping(ckpt: dict, labels):

@@ -11,7 +11,7 @@ import torch
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
-from race_classifier.training.rng import seeded
+from race_classifier.rng import seeded
 
 
 class BatchMixer:

@@ -25,7 +25,7 @@ from race_classifier.heads import AgeBins, HeadLayout, canonical_gender, gender_
 from race_classifier.labels import Taxonomy, get_mapping, get_taxonomy, load_label_map
 from race_classifier.training import TrainingError
 from race_classifier.training.distributed import World
-from race_classifier.training.rng import seed_worker
+from race_classifier.rng import seed_worker
 
 log = logging.getLogger("race_classifier.train")
 

@@ -50,9 +50,9 @@ from race_classifier.training.distill import SoftLabelError, SoftLabels, Teacher
 from race_classifier.training.engine import EpochProgress, MultiHeadLoss, evaluate, train_one_epoch
 from race_classifier.training.mixing import BatchMixer
 from race_classifier.training.report import append_csv_row, epoch_row, format_epoch, rewrite_csv
-from race_classifier.training.rng import epoch_seed, get_rng_state, seed_everything, set_rng_state
+from race_classifier.rng import epoch_seed, get_rng_state, seed_everything, set_rng_state
 from race_classifier.training.run_data import RunSamples, build_loaders
-from race_classifier.utils import atomic_write_text
+from race_classifier.utils import atomic_write_text, run_command
 
 log = logging.getLogger("race_classifier.train")
 
@@ -499,5 +499,4 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
-    from race_classifier.cli import run_command
     return run_command(run, config.parse_args(argv, prog=prog))
