@@ -33,6 +33,22 @@ def shared_dir(request) -> Path:
     return root
 
 
+def load_script(path: Path, name: str):
+    """A script of the repository (bench/, scripts/) as a module, without running its main: registered in
+    sys.modules first, as an import does (dataclasses look their module up there)."""
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
 # --- synthetic data and a small trained model, shared by the training and evaluation tests ------------
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,21 +2,17 @@
 (with and without TTA) and written to the JSON table; finished runs reused; missing manifests explained."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import yaml
 
-from conftest import ARCH, REPO
+from conftest import ARCH, REPO, load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "bench" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "bench" / "accuracy.py", "bench_accuracy")
 
 
 def _recipe(tmp_path, manifests, **overrides):

@@ -6,13 +6,12 @@ run the benchmarks is checked for all of them. A missing module of this package 
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 SCRIPTS = sorted((REPO / "bench").glob("*.py"))
 
@@ -24,11 +23,8 @@ def test_there_are_bench_scripts():
 @pytest.mark.parametrize("path", SCRIPTS, ids=[p.name for p in SCRIPTS])
 def test_bench_script_imports(path):
     name = f"bench_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # as an import does: dataclasses look their module up there
     try:
-        spec.loader.exec_module(module)  # __name__ is not "__main__": main() does not run
+        module = load_script(path, name)  # __name__ is not "__main__": main() does not run
     except ModuleNotFoundError as e:
         missing = e.name or str(e)
         if missing.split(".")[0] == "race_classifier":

@@ -5,7 +5,6 @@ parser change without ``python scripts/doc_flags.py`` makes ``--check`` (and thi
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import unicodedata
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, load_script
+
 README = REPO / "README.md"
 DOCS = REPO / "docs"
 MAX_README_LINES = 250
@@ -21,10 +21,7 @@ MAX_README_LINES = 250
 
 @pytest.fixture(scope="module")
 def doc_flags():
-    spec = importlib.util.spec_from_file_location("doc_flags", REPO / "scripts" / "doc_flags.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "scripts" / "doc_flags.py", "doc_flags")
 
 
 def test_flag_tables_match_the_parsers(doc_flags, capsys):
