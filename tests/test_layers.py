@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "race_classifier"
-LAYERS = {"labels": 0, "heads": 0, "utils": 0, "rng": 0, "data": 1, "models": 2, "training": 3, "evaluation": 3,
-          "inference": 3, "export": 3, "serving": 3, "cli": 4}
+LAYERS = {"labels": 0, "heads": 0, "utils": 0, "rng": 0, "device": 0, "data": 1, "models": 2, "training": 3,
+          "evaluation": 3, "inference": 3, "export": 3, "serving": 3, "cli": 4}
 
 
 def layer(module: str) -> int:

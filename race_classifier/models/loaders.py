@@ -23,6 +23,7 @@ import torch
 import torchvision
 
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from race_classifier.device import PrecisionError, precision_name, resolve_device, resolve_precision
 from race_classifier.heads import FAIRFACE_AGE_RANGES, FAIRFACE_GENDERS, Head, HeadLayout
 from race_classifier.labels import Taxonomy, get_taxonomy
 from race_classifier.models.bundled import UnknownModelError, model_file
@@ -125,15 +126,11 @@ def describe_heads(heads: HeadLayout) -> str:
     return ", ".join(f"{h.name} ({', '.join(classes(h))})" for h in heads.heads)
 
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp not in AMP_DTYPES:
-        raise ModelLoadError(f"unknown precision {amp!r}: one of {', '.join(AMP_DTYPES)}")
-    if amp == "fp16" and device.type != "cuda":
-        raise ModelLoadError("--amp fp16 needs a CUDA device; on a CPU use bf16")
-    return AMP_DTYPES[amp]
+    try:
+        return resolve_precision(amp, device)
+    except PrecisionError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _torch_runner(model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None):
@@ -173,11 +170,12 @@ def load_predictor(path: str | Path | None = None, *, labels=None, image_size: i
                    device: str | torch.device = "cpu", tta: bool = False, amp: str = "off") -> Predictor:
     """Load any supported model file. ``labels``/``image_size``/``mean``/``std`` describe files that
     carry no metadata (TorchScript, ONNX); a race-classifier checkpoint ignores them. ``tta``: average
-    each image's probabilities with its mirror's (``Predictor.tta``). ``amp`` (bf16, fp16 on CUDA): run a
-    PyTorch model under autocast; an ONNX file runs as it was exported (see ``export --quantize``).
+    each image's probabilities with its mirror's (``Predictor.tta``). ``device`` (auto too) and ``amp`` (bf16,
+    fp16 on CUDA; race_classifier.device): run a PyTorch model under autocast; an ONNX file runs as it was
+    exported (see ``export --quantize``).
     ``path`` may name a bundled model (models/bundled.py; None: the default, seed5): its ONNX file, or its
     checkpoint where it runs on a GPU or under autocast."""
-    device = torch.device(device)
+    device = resolve_device(device)
     amp_dtype = _amp_dtype(amp, device)
     try:
         path = model_file(path, checkpoint=device.type != "cpu" or amp_dtype is not None)
@@ -188,7 +186,7 @@ def load_predictor(path: str | Path | None = None, *, labels=None, image_size: i
         amp_dtype = None
     predictor = _load_any(path, labels, image_size, mean, std, device, amp_dtype)
     if amp_dtype is not None:
-        predictor.info["precision"] = f"{amp} autocast"
+        predictor.info["precision"] = f"{precision_name(amp_dtype)} autocast"
     return predictor.set_tta(True) if tta else predictor
 
 

@@ -1,4 +1,5 @@
-"""Where and how fast a run computes: the device, mixed precision, torch.compile."""
+"""How fast a run computes: torch.compile (the device and mixed precision are resolved in
+race_classifier/device.py, the same for every command)."""
 from __future__ import annotations
 
 import os
@@ -7,25 +8,12 @@ import shutil
 import torch
 from torch import nn
 
+from race_classifier.device import resolve_device, resolve_precision
 from race_classifier.training import TrainingError
 
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
-def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
-    if spec == "off" or (device.type != "cuda" and spec == "auto"):
-        return None
-    if device.type != "cuda":
-        if spec == "fp16":
-            raise TrainingError("--amp fp16 needs CUDA (fp16 without a loss scaler underflows); use bf16 on CPU")
-        return torch.bfloat16
-    if spec == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[spec]
+# The names bench/gpu_train_speed.py imports from here; the package itself uses race_classifier.device.
+resolve_amp = resolve_precision
+__all__ = ["compile_model", "compile_unavailable", "is_compile_error", "resolve_amp", "resolve_device"]
 
 
 def compile_unavailable(device: torch.device) -> str | None:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from race_classifier.device import resolve_device
+
 
 @dataclass(frozen=True)
 class World:
@@ -67,16 +69,14 @@ def init_from_env(device_spec: str) -> tuple[World, torch.device | None]:
     if device_spec.startswith("cuda") and ":" in device_spec:
         raise ValueError(f"--device {device_spec}: under torchrun each process takes cuda:LOCAL_RANK; "
                          "use --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
-    use_cuda = device_spec in ("auto", "cuda") and torch.cuda.is_available()
-    if device_spec == "cuda" and not use_cuda:
-        raise ValueError("--device cuda: CUDA is not available")
-    if use_cuda:
+    device = resolve_device(device_spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available")
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device(device_spec if device_spec != "auto" else "cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return world, device
 
 

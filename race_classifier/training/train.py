@@ -16,8 +16,9 @@ log, checkpoints, skipped-image listing and model card; the other ranks print no
 resumes from last.pt, whose RNG state is rank 0's.
 
 What the run reads (manifests, heads, datasets, the sampler and the loaders) is set up in run_data.py;
-devices, mixed precision and torch.compile in accel.py. This module holds the model, the optimizer, the
-loop and the checkpoints.
+the device and mixed precision are resolved in race_classifier/device.py, torch.compile in accel.py; best.pt
+and last.pt (which epoch is best, their order, what a resume must match) are checkpoint_saver.py's. This
+module holds the model, the optimizer, the loop and what a checkpoint holds.
 
 --accum_steps N: one optimizer step per N batches (engine.train_one_epoch); the schedule, global_step and
 --save_every_steps count optimizer steps, and mid-epoch checkpoints fall between steps. --compile:
@@ -28,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -40,11 +40,12 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from race_classifier.data.transforms import FAIRFACE_MARGIN, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, arcface_crop
-from race_classifier.heads import HeadLayout
+from race_classifier.device import resolve_device, resolve_precision
 from race_classifier.models.checkpoint import load_checkpoint, save_checkpoint
 from race_classifier.models.factory import classifier_prefix, create_model, freeze_until
 from race_classifier.training import TrainingError, config
-from race_classifier.training.accel import compile_model, is_compile_error, resolve_amp, resolve_device
+from race_classifier.training.accel import compile_model, is_compile_error
+from race_classifier.training.checkpoint_saver import CheckpointSaver
 from race_classifier.training.distributed import World, init_from_env, teardown
 from race_classifier.training.distill import SoftLabelError, SoftLabels, TeacherTargets
 from race_classifier.training.engine import EpochProgress, MultiHeadLoss, evaluate, train_one_epoch
@@ -55,14 +56,6 @@ from race_classifier.training.run_data import RunSamples, build_loaders
 from race_classifier.utils import atomic_write_text, run_command
 
 log = logging.getLogger("race_classifier.train")
-
-
-def _better(value: float | None, best: float | None, metric: str) -> bool:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return False
-    if best is None:
-        return True
-    return value < best if metric == "val_loss" else value > best
 
 
 def training_crop(choice: str, pretrained_cfg: dict) -> dict:
@@ -99,15 +92,17 @@ class Trainer:
         self.args = args
         self.world = world
         self.device = device or resolve_device(args.device)
-        self.amp_dtype = resolve_amp(args.amp, self.device)
+        self.amp_dtype = resolve_precision(args.amp, self.device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.dir = Path(args.checkpoint_dir)
-        self.last_path, self.best_path = self.dir / "last.pt", self.dir / "best.pt"
         self.skipped: dict[str, str] = {}  # path -> reason, over the whole run
 
         self.samples = RunSamples.read(args)
         self.taxonomy, self.classes, self.heads = self.samples.taxonomy, self.samples.classes, self.samples.heads
         self.train_samples, self.val_samples = self.samples.train, self.samples.val
+        self.saver = CheckpointSaver(self.dir, args.best_metric, self._save, world, arch=args.arch,
+                                     classes=self.classes, heads=self.heads)
+        self.last_path, self.best_path = self.saver.last_path, self.saver.best_path
 
         seed_everything(args.seed)
         pretrained = None if args.resume or args.initial_checkpoint else args.pretrained
@@ -196,29 +191,11 @@ class Trainer:
             train_args["initialised_from"] = self.initialised_from
         return train_args | self.distillation
 
-    def _check_same_model(self, ckpt: dict, path: Path) -> None:
-        """A checkpoint this run continues from must have this run's architecture, classes and heads."""
-        if ckpt.get("ensemble"):
-            raise TrainingError(f"{path} is an ensemble of {len(ckpt['ensemble']['members'])} models: train from "
-                                "one of its members")
-        merge = ckpt.get("merged_classes")
-        if merge:
-            raise TrainingError(f"{path} answers in classes merged from its network's "
-                                f"({', '.join(merge['from']['classes'])}): train from the model it was made from, "
-                                f"{merge.get('source')}")
-        if ckpt["arch"] != self.args.arch or ckpt["taxonomy"]["classes"] != self.classes:
-            raise TrainingError(f"{path} was trained as {ckpt['arch']} on {ckpt['taxonomy']['classes']}; "
-                                f"this run asks for {self.args.arch} on {self.classes}")
-        saved_heads = HeadLayout.from_dict(ckpt.get("heads"), self.classes)
-        if saved_heads != self.heads:
-            raise TrainingError(f"{path} has heads {saved_heads.to_dict()}; this run asks for "
-                                f"{self.heads.to_dict()} (--heads, --age_bins or the gender classes differ)")
-
     def _load_initial_checkpoint(self, path: Path) -> str:
         """Every weight of ``path`` (classifier included) into the new model; returns a one-line account of it.
         Its optimizer state, temperature and threshold are not carried: this run refits them."""
         ckpt = load_checkpoint(path)
-        self._check_same_model(ckpt, path)
+        self.saver.check_same_model(ckpt, path)
         self.model.load_state_dict(ckpt["state_dict"])
         before = ckpt.get("train_args") or {}
         size = (ckpt.get("preprocessing") or {}).get("image_size")
@@ -248,9 +225,7 @@ class Trainer:
             "accum_steps": self.args.accum_steps,  # and falls on this many batches' group boundary
             "model_ema": self.ema.module.state_dict() if self.ema else None,
         }
-        if self.world.main:
-            metrics = self.history[-1] if self.history else {}
-            self._save(self.last_path, epoch, metrics, resume)
+        self.saver.save_last(epoch, resume)
 
     def _epoch_progress(self) -> EpochProgress:
         """The epoch's progress over all ranks (collective: every rank calls it at the same step)."""
@@ -265,51 +240,15 @@ class Trainer:
         return EpochProgress(p.batches, sums[0], int(sums[1]), [int(x) for x in sums[2:2 + n]],
                              [int(x) for x in sums[2 + n:]], failures)
 
-    def prepare_run_dir(self) -> None:
-        log_file = Path(self.args.log_file)
-        if self.args.resume:
-            if not self.last_path.is_file():
-                raise TrainingError(f"--resume: no {self.last_path} to resume from")
-            return
-        existing = [p for p in (self.last_path, self.best_path, log_file) if p.is_file() and p.stat().st_size]
-        if existing and not self.args.overwrite:
-            raise TrainingError(f"run files already exist ({', '.join(map(str, existing))}): use --resume to "
-                                "continue that run, --overwrite to start afresh, or another --checkpoint_dir")
-        if self.world.main:
-            for p in existing:
-                p.unlink()
-            if self.args.overwrite:  # the previous run's card and listing must not sit beside this run's files
-                (self.dir / "MODEL_CARD.md").unlink(missing_ok=True)
-                (self.dir / "skipped_images.txt").unlink(missing_ok=True)
-            self.dir.mkdir(parents=True, exist_ok=True)
-        self.world.barrier()
-
     def restore(self) -> None:
-        ckpt = load_checkpoint(self.last_path)
-        self._check_same_model(ckpt, self.last_path)
+        ckpt = self.saver.load_last(self.args, self.distillation.get("soft_labels_sha256"))
         self.initialised_from = (ckpt.get("train_args") or {}).get("initialised_from")
         r = ckpt["resume"]
-        if r["progress"] is not None and r.get("world_size", 1) != self.world.size:
-            raise TrainingError(f"{self.last_path} stopped mid-epoch in a run of {r.get('world_size', 1)} "
-                                f"process(es); resume it with as many (this run has {self.world.size})")
-        if r["progress"] is not None and r.get("accum_steps", 1) != self.args.accum_steps:
-            raise TrainingError(f"{self.last_path} stopped mid-epoch with --accum_steps {r.get('accum_steps', 1)}; "
-                                f"resume it with the same (this run has {self.args.accum_steps})")
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(r["optimizer"])
         self.scaler.load_state_dict(r["scaler"])
-        saved_decay = (ckpt.get("train_args") or {}).get("model_ema_decay") or 0.0
-        if (r.get("model_ema") is None) != (self.ema is None) or saved_decay != self.args.model_ema_decay:
-            raise TrainingError(f"{self.last_path} was saved with --model_ema_decay {saved_decay}; resume it "
-                                f"with the same (this run has {self.args.model_ema_decay})")
         if self.ema is not None:
             self.ema.module.load_state_dict(r["model_ema"])
-        saved_soft = (ckpt.get("train_args") or {}).get("soft_labels_sha256")
-        if saved_soft != self.distillation.get("soft_labels_sha256"):
-            raise TrainingError(f"{self.last_path} was trained with "
-                                f"{'soft labels of sha256 ' + saved_soft if saved_soft else 'no --soft_labels'}; "
-                                f"resume it with the same (this run has "
-                                f"{self.args.soft_labels + ', another file' if self.args.soft_labels else 'none'})")
         set_rng_state(r["rng"])
         self.start_epoch, self.global_step, self.history = r["epoch"], r["global_step"], list(ckpt["history"])
         self.skipped = dict(r["skipped"])
@@ -374,19 +313,15 @@ class Trainer:
 
     def _run(self) -> dict:
         args = self.args
-        self.prepare_run_dir()
+        self.saver.prepare(resume=args.resume, overwrite=args.overwrite, log_file=Path(args.log_file))
         if args.resume:
             self.restore()
-        best_metric = args.best_metric
-        best = None
-        for row in self.history:
-            best = row[best_metric] if _better(row[best_metric], best, best_metric) else best
         print(f"Training {args.dataset}: {args.arch} on {self._image_counts()}, {len(self.classes)} classes "
               f"({', '.join(self.classes)}), device {self.device}"
               + (f" x {self.world.size} processes" if self.world.distributed else ""),
               flush=True)
         for epoch in range(self.start_epoch, args.num_epochs):
-            if args.patience and self._epochs_since_best(best_metric) >= args.patience:
+            if args.patience and self.saver.epochs_since_best >= args.patience:
                 break
             self._epoch_started = time.time()
             if not self.progress.batches:  # a fresh epoch (a resumed one continues its saved random state)
@@ -414,22 +349,17 @@ class Trainer:
                             train_head_acc={h.name: p.accuracy(i + 1) for i, h in enumerate(self.heads.extra)},
                             without_ema=without_ema)
             self.history.append(row)
-            # best before last: if killed in between, the resumed run redoes this epoch and both get written.
-            if _better(row[best_metric], best, best_metric):
-                best = row[best_metric]
-                if self.world.main:
-                    self._save(self.best_path, epoch + 1, row, resume=None, model=self.kept_model)
             self.progress, self.elapsed = EpochProgress.empty(len(self.heads.heads)), 0.0
-            self.save_last(epoch + 1, in_progress=False)
+            self.saver.save_epoch(row, self.kept_model, lambda epoch=epoch: self.save_last(epoch + 1, in_progress=False))
             if self.world.main:
                 append_csv_row(args.log_file, row)
             print(format_epoch(row, args.num_epochs, self.classes, self.heads, self.data.val_sources), flush=True)
             self._report_skipped(epoch + 1, ("training", p.failures, self.train_samples),
                                  ("validation", val["failures"], self.val_samples))
         self.data.close()
-        if args.patience and self._epochs_since_best(best_metric) >= args.patience:
-            print(f"Early stopping: no {best_metric} improvement in {args.patience} epochs", flush=True)
-        summary = self._summary(best_metric)
+        if args.patience and self.saver.epochs_since_best >= args.patience:
+            print(f"Early stopping: no {args.best_metric} improvement in {args.patience} epochs", flush=True)
+        summary = self._summary()
         if self.world.main:
             self.finalize()
         self.world.barrier()
@@ -466,22 +396,12 @@ class Trainer:
                             workers=self.args.workers, device=self.device, seed=self.args.seed,
                             epochs_run=len(self.history))
 
-    def _epochs_since_best(self, metric: str) -> int:
-        best_index, best = -1, None
-        for i, row in enumerate(self.history):
-            if _better(row[metric], best, metric):
-                best_index, best = i, row[metric]
-        return len(self.history) - 1 - best_index if best_index >= 0 else len(self.history)
-
-    def _summary(self, metric: str) -> dict:
-        best_row = None
-        for row in self.history:
-            if best_row is None or _better(row[metric], best_row[metric], metric):
-                best_row = row
+    def _summary(self) -> dict:
+        metric, best_row = self.args.best_metric, self.saver.best
         if best_row is not None and self.best_path.is_file():
             print(f"Best epoch {best_row['epoch']}: {metric} {best_row[metric]:.4f}; checkpoint {self.best_path}, "
                   f"log {self.args.log_file}", flush=True)
-        elif best_row is not None:
+        elif self.history:
             print(f"No best checkpoint: {metric} was never defined (no readable, labelled validation image?); "
                   f"the last weights are in {self.last_path}, log {self.args.log_file}", flush=True)
         return {"best": best_row, "history": self.history}
