@@ -21,6 +21,15 @@ keeps the layer and adds per-class logit offsets fitted on the validation set so
 ``--min_recall``; its rows are therefore in-sample, and a line under the table gives the 2-fold cross-fitted
 accuracy and worst class (faces the offsets were not fitted on).
 
+``--linear_probe``: for each model, also the frozen linear probe of its backbone as pretrained (before any
+fine-tuning): the recipe's ``--pretrained`` weights, a new race layer fitted on their frozen features of the
+training images by the same logistic regression (``--last_layer none``). What fine-tuning adds is the gap.
+
+``--ensemble_with PATH``: for each model, also a row for the mean of its calibrated probabilities and those of
+the model at PATH, each model preprocessing the image its own way (crop, size, normalisation), so models on
+different backbones and inputs can be combined; the row's ECE is the averaged probabilities' own.
+(``race-classifier ensemble`` makes one model file, for members that share their preprocessing.)
+
 ``--eval_taxonomy``: evaluate in another label set than the model's, labels and probabilities mapped by
 the taxonomy tables (a fairface7 model scored as seed5: East/Southeast Asian -> Asian, Middle Eastern ->
 White).
@@ -55,14 +64,15 @@ from race_classifier.data.manifest import format_sample, parse_line
 from race_classifier.evaluation.calibration import abstention_summary, choose_threshold
 from race_classifier.evaluation.formatting import fmt_ci, fmt_ece_floor, fmt_num, fmt_pct
 from race_classifier.evaluation.metrics import clean_predictions, evaluate_predictions, race_labelled
-from race_classifier.evaluation.runner import load_eval_samples, predict_samples, scored_heads
+from race_classifier.evaluation.runner import load_eval_samples, predict_samples, predictions_table, scored_heads
 from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
 from race_classifier.models.checkpoint import load_checkpoint
+from race_classifier.models.factory import create_model
 from race_classifier.models.loaders import load_predictor
 from race_classifier.training import config
-from race_classifier.training.rebalance import describe_cross_fit
+from race_classifier.post_training.model_card import describe_cross_fit
 from race_classifier.training.train import main as train_main
-from race_classifier.utils import atomic_write_text
+from race_classifier.utils import atomic_torch_save, atomic_write_text
 
 COVERAGE = 0.95
 COLUMNS = ("variant", "tta", "accuracy", "balanced_accuracy", "worst_class", "worst_group", "ece_before",
@@ -82,6 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--last_layer", help="comma-separated balance modes (none, sampler, group, recall) of "
                    "last-layer refits of each model, evaluated next to it")
     p.add_argument("--min_recall", type=float, default=0.6, help="--last_layer recall: the target per class")
+    p.add_argument("--linear_probe", action="store_true", help="also the frozen linear probe of each model's "
+                   "pretrained backbone (a logistic regression on its features, before fine-tuning)")
+    p.add_argument("--ensemble_with", help="also each model averaged with this model file (each with its own "
+                   "preprocessing)")
     p.add_argument("--eval_taxonomy", help="evaluate in this taxonomy (labels and predictions mapped)")
     p.add_argument("--heads", help="train the variants with these heads (e.g. race,gender,age)")
     p.add_argument("--tta", action="store_true", help="also evaluate with horizontal-flip test-time augmentation")
@@ -99,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets and the bootstrap")
     args = p.parse_args(argv)
     args.last_layer = [v.strip() for v in (args.last_layer or "").split(",") if v.strip()]
-    from race_classifier.training.rebalance import BALANCES
+    from race_classifier.post_training.options import BALANCES
     if set(args.last_layer) - set(BALANCES):
         p.error(f"--last_layer: choose from {', '.join(BALANCES)}")
     if args.model_path:
@@ -222,9 +236,26 @@ def benchmark_row(variant: str, tta: bool, evaluation: dict, table, calibration:
     }
 
 
-def evaluate_variant(variant: str, checkpoint: Path, recipe, val_txt: str, args) -> tuple[list[dict], dict]:
-    """Rows (plain, and with TTA if asked) and the full evaluations, keyed 'plain' / 'tta'."""
-    predictor = load_predictor(checkpoint)
+def mean_table(tables: list, samples, num_classes: int, source: str):
+    """The predictions table of the mean of several models' probabilities (an image any of them could not read
+    has no prediction, with the first reason)."""
+    columns = [f"prob_{k}" for k in range(num_classes)]
+    probs = np.mean([t[columns].to_numpy(float) for t in tables], axis=0)  # NaN where any model failed
+    errors = {}
+    for table in tables:
+        for i, error in enumerate(table["error"]):
+            if error:
+                errors.setdefault(i, error)
+    return predictions_table(samples, probs, errors, num_classes, source=source)
+
+
+def evaluate_variant(variant: str, checkpoints: list[Path], recipe, val_txt: str, args) -> tuple[list[dict], dict]:
+    """Rows (plain, and with TTA if asked) and the full evaluations, keyed 'plain' / 'tta'. Several
+    ``checkpoints``: their mean calibrated probabilities, each model preprocessing the image its own way."""
+    predictors = [load_predictor(c) for c in checkpoints]
+    predictor = predictors[0]
+    if len(predictors) > 1 and any(p.heads.extra for p in predictors):
+        raise ValueError(f"{variant}: an averaged row takes race-only models")
     model_taxonomy = predictor.taxonomy
     taxonomy = get_taxonomy(args.eval_taxonomy) if args.eval_taxonomy else model_taxonomy
     # The manifests' labels are in the recipe's classes (or its --source_taxonomy), whatever the model answers
@@ -240,11 +271,14 @@ def evaluate_variant(variant: str, checkpoint: Path, recipe, val_txt: str, args)
     workers = recipe.workers if args.workers is None else args.workers
     rows, evaluations = [], {}
     for tta in ([False, True] if args.tta else [False]):
-        predictor.set_tta(tta)
-        table = predict_samples(predictor, samples, taxonomy, recipe.batch_size, workers,
-                                desc=f"{variant}{' +TTA' if tta else ''}", heads=heads, source=val_txt)
+        tables = []
+        for model in predictors:
+            model.set_tta(tta)
+            tables.append(predict_samples(model, samples, taxonomy, recipe.batch_size, workers,
+                                          desc=f"{variant}{' +TTA' if tta else ''}", heads=heads, source=val_txt))
+        table = tables[0] if len(tables) == 1 else mean_table(tables, samples, len(classes), val_txt)
         evaluation = evaluate_predictions(table, classes, n_boot=args.n_boot, seed=args.seed, heads=head_classes)
-        row = benchmark_row(variant, tta, evaluation, table, predictor.calibration)
+        row = benchmark_row(variant, tta, evaluation, table, predictor.calibration if len(predictors) == 1 else None)
         if head_classes:
             row["heads"] = {name: h["accuracy"]["value"] for name, h in evaluation["heads"].items()}
         rows.append(row)
@@ -252,13 +286,31 @@ def evaluate_variant(variant: str, checkpoint: Path, recipe, val_txt: str, args)
     return rows, evaluations
 
 
+def probe_start(checkpoint: Path, recipe) -> Path:
+    """A checkpoint like ``checkpoint`` (classes, preprocessing, heads) holding the recipe's pretrained weights
+    as they are, before fine-tuning, for the linear probe (its race layer is refitted on their features)."""
+    path = checkpoint.parent / "linear_probe" / "pretrained.pt"
+    if not path.is_file():
+        ckpt = load_checkpoint(checkpoint)
+        if ckpt.get("heads") or ckpt.get("merged_classes") or ckpt.get("ensemble"):
+            raise ValueError(f"--linear_probe: {checkpoint} is not a race-only trained model")
+        model = create_model(ckpt["arch"], ckpt["num_classes"], pretrained=recipe.pretrained)
+        probe = {k: v for k, v in ckpt.items() if k not in ("calibration", "resume", "history", "metrics")}
+        probe.update(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, epoch=0, metrics={},
+                     history=[], train_args={**ckpt.get("train_args", {}), "num_epochs": 0,
+                                             "initialised_from": f"{recipe.pretrained} (frozen: linear probe)"})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(probe, path)
+    return path
+
+
 def last_layer_refits(variant: str, checkpoint: Path, recipe, balances: list[str], workers: int,
-                      min_recall: float) -> list[tuple[str, Path]]:
+                      min_recall: float, name: str | None = None) -> list[tuple[str, Path]]:
     """(row name, checkpoint) of each last-layer refit of ``checkpoint``, made beside it (reused if there)."""
     from race_classifier.data.manifest import read_manifest
     from race_classifier.models.checkpoint import load_model
-    from race_classifier.training.finalize import finalize_run
-    from race_classifier.training.rebalance import extract_features, raise_low_recalls, rebalance
+    from race_classifier.post_training.calibrate import finalize_run
+    from race_classifier.post_training.rebalance import extract_features, raise_low_recalls, rebalance
     from race_classifier.utils import atomic_torch_save
     loaded = load_model(checkpoint)
     train = read_manifest(recipe.train_txt, loaded.taxonomy)
@@ -277,7 +329,7 @@ def last_layer_refits(variant: str, checkpoint: Path, recipe, balances: list[str
             atomic_torch_save(ckpt, path)
             finalize_run(path, val, val_txt=recipe.val_txt, train_samples=train, train_txt=recipe.train_txt,
                          batch_size=recipe.batch_size, workers=workers)
-        out.append((f"{variant}+last-layer {balance}", path))
+        out.append((name or f"{variant}+last-layer {balance}", path))
     return out
 
 
@@ -330,13 +382,21 @@ def main(argv: list[str] | None = None) -> int:
     for variant, checkpoint in plan:
         if checkpoint is None:
             checkpoint = train_variant(args.config, variant, out_dir / variant, options, args.retrain)
-        runs = [(variant, checkpoint)]
+        runs = [(variant, [checkpoint])]
+        if args.linear_probe:
+            runs += [(name, [path]) for name, path in last_layer_refits(
+                variant, probe_start(checkpoint, recipe), recipe, ["none"], workers, args.min_recall,
+                name=f"{variant}: linear probe of the pretrained backbone")]
         if args.last_layer:
-            runs += last_layer_refits(variant, checkpoint, recipe, args.last_layer, workers, args.min_recall)
-        for name, path in runs:
-            variant_rows, evaluations = evaluate_variant(name, path, recipe, val_txt, args)
+            runs += [(name, [path]) for name, path in
+                     last_layer_refits(variant, checkpoint, recipe, args.last_layer, workers, args.min_recall)]
+        if args.ensemble_with:
+            runs.append((f"{variant} + {Path(args.ensemble_with).parent.name or args.ensemble_with} (mean)",
+                         [checkpoint, Path(args.ensemble_with)]))
+        for name, paths in runs:
+            variant_rows, evaluations = evaluate_variant(name, paths, recipe, val_txt, args)
             rows += variant_rows
-            details[name] = {"checkpoint": str(path), "evaluation": evaluations}
+            details[name] = {"checkpoint": ", ".join(map(str, paths)), "evaluation": evaluations}
 
     quick = {k: getattr(args, k) for k in QUICK_OPTIONS if getattr(args, k) is not None}
     title = f"Accuracy benchmark: {args.config} on {val_txt}" + (
@@ -344,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                   if quick else "")
     print(f"\n{title}\n{format_table(rows)}")
     for name, detail in details.items():
-        cross_fit = (load_checkpoint(detail["checkpoint"]).get("train_args") or {}).get("recall_offsets_cross_fit")
+        cross_fit = None if ", " in detail["checkpoint"] else (
+            (load_checkpoint(detail["checkpoint"]).get("train_args") or {}).get("recall_offsets_cross_fit"))
         if cross_fit:
             detail["recall_offsets_cross_fit"] = cross_fit
             print(f"{name}: offsets fitted on the validation set; {describe_cross_fit(cross_fit)} "

@@ -44,7 +44,8 @@ from race_classifier.data.synthetic import PATTERNS, generate
 from race_classifier.data.transforms import Augmentation, Preprocessing, build_transform
 from race_classifier.models.factory import create_model
 from race_classifier.training.engine import MultiHeadLoss, autocast
-from race_classifier.training.accel import compile_unavailable, resolve_amp, resolve_device
+from race_classifier.device import resolve_device, resolve_precision
+from race_classifier.training.accel import compile_unavailable
 
 FAIRFACE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fairface"
 KEEPS_UP = 0.10  # the input keeps up when the model waits for it at most this share of the time
@@ -93,7 +94,7 @@ def measure(config: Config, dataset: FaceDataset, num_classes: int, args, device
             seconds: float) -> dict:
     """Train ``config`` for --warmup untimed and up to --steps timed batches (stopping after ``seconds`` of
     timed steps, once --min_steps are done); mean data wait and step time per timed batch."""
-    amp_dtype = resolve_amp("auto" if device.type == "cuda" else "bf16", device) if config.amp else None
+    amp_dtype = resolve_precision("auto" if device.type == "cuda" else "bf16", device) if config.amp else None
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = create_model(args.arch, num_classes).to(device, memory_format=memory_format).train()
     train_model = torch.compile(model) if config.compile else model

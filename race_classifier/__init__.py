@@ -2,7 +2,7 @@
 
 The labels these models predict are perceived, socially constructed categories, not facts about a person.
 """
-__version__ = "0.1.0"
+from race_classifier.version import __version__
 
 
 def __getattr__(name: str):

@@ -25,7 +25,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 HEAD_NAMES = ("race", "gender", "age")
 DEFAULT_AGE_BINS = "Child:0,Teen:13,Adult:20,Senior:60"
@@ -253,12 +252,12 @@ def class_map(source: HeadLayout, target: HeadLayout, name: str) -> np.ndarray |
     return matrix if matrix.any() else None
 
 
-def targets_tensor(layout: HeadLayout, samples, source: str = "manifest") -> torch.Tensor:
-    """(N, heads) class indices of manifest samples, -1 where a label is unknown."""
+def head_targets(layout: HeadLayout, samples, source: str = "manifest") -> np.ndarray:
+    """(N, heads) int64 class indices of manifest samples, -1 where a label is unknown."""
     rows = []
     for s in samples:
         try:
             rows.append(layout.targets(s.label, s.gender, s.age))
         except HeadError as e:
             raise HeadError(f"{source}:{s.line}: {e} ({s.path})") from None
-    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), len(layout.heads))
+    return np.array(rows, dtype=np.int64).reshape(len(rows), len(layout.heads))

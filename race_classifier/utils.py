@@ -1,6 +1,7 @@
 """Small helpers shared across the package: atomic file writes, file hashes, progress reporting, a shared flag."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import logging
@@ -9,6 +10,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 
 def _umask() -> int:
@@ -76,7 +79,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    import torch
+    import torch  # here, not at the top: this module is the CLI parser's and stays torch-free
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -85,7 +88,6 @@ def atomic_torch_save(obj, path: str | Path) -> None:
 def progress_bar(iterable, desc: str, unit: str = "batch", every_s: float = 60.0):
     """tqdm on a terminal. Off one (nohup, a CI log) tqdm hides itself and a long pass (an hour of soft labels)
     would be silent: log "desc: i/total unit, rate" about every ``every_s`` seconds instead, and once at the end."""
-    from tqdm import tqdm
     if sys.stderr.isatty():
         yield from tqdm(iterable, desc=desc, unit=unit)
         return
@@ -104,10 +106,10 @@ def progress_bar(iterable, desc: str, unit: str = "batch", every_s: float = 60.0
 
 
 def add_amp_argument(parser) -> None:
-    """--amp for the commands that run a model file (predict, serve, evaluate, soft-labels): models.loaders.AMP_DTYPES."""
+    """--amp for the commands that run a model file (predict, serve, evaluate, soft-labels): device.resolve_precision."""
     parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
-                        help="run a PyTorch model under autocast: bf16 is about 2x faster on CPUs with bf16 units and "
-                             "on GPUs, fp16 is CUDA only; probabilities move by ~0.003 on average. ONNX "
+                        help="run a PyTorch model under autocast: bf16 (faster on CPUs with bf16 units and on GPUs) "
+                             "or fp16 (CUDA only); probabilities move slightly (docs/deployment.md). ONNX "
                              "files run as exported")
 
 
@@ -119,8 +121,6 @@ def add_hidden_aliases(parser) -> None:
     """For every --flag_with_underscores of ``parser``, accept --flag-with-dashes too (and FLAG_ALIASES), as
     extra option strings of the same argument (so a required flag given by its alias counts as given), left
     out of --help by the parser's formatter."""
-    import argparse
-
     class HiddenAliasesFormatter(parser.formatter_class):
         def _format_action_invocation(self, action):
             hidden = getattr(action, "hidden_aliases", ())

@@ -43,7 +43,7 @@ from PIL import Image
 from race_classifier.data.manifest import Sample, read_manifest
 from race_classifier.data.sources import read_fairface_csv
 from race_classifier.evaluation.runner import predict_logits
-from race_classifier.export.onnx import export_checkpoint
+from race_classifier.export.exporter import export_checkpoint
 from race_classifier.export.shared_weights import store_weights_once
 from race_classifier.inference.compose import compose_photo
 from race_classifier.labels import Taxonomy, get_mapping, get_taxonomy

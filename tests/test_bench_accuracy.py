@@ -94,3 +94,30 @@ def test_bench_compares_given_models_with_heads_refits_and_another_taxonomy(benc
     assert bench.main([*argv[:4], "--eval_taxonomy", reordered, "--json", str(out2)]) == 0
     again = json.loads(out2.read_text())["rows"][0]
     assert again["accuracy"]["value"] == rows["race_only"]["accuracy"]["value"]
+
+
+def test_bench_linear_probe_and_averaged_rows(bench, manifests, tmp_path):
+    """The linear probe refits a race layer on the recipe's pretrained weights as they are: pretrained from a
+    trained model, it is that model's unweighted last-layer refit. A model averaged with itself scores as alone."""
+    import torch
+
+    from race_classifier.models.checkpoint import load_checkpoint
+    from race_classifier.training.train import main as train_main
+    from conftest import train_args
+    trained = tmp_path / "trained"
+    assert train_main(train_args(manifests, trained, "--num_epochs", "1")) == 0
+    best = trained / "best.pt"
+    recipe = _recipe(tmp_path, manifests, pretrained=str(best))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--config", str(recipe), "--n_boot", "20", "--model_path", f"model={best}", "--linear_probe",
+                       "--last_layer", "none", "--ensemble_with", str(best), "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    probe, alone = rows["model: linear probe of the pretrained backbone"], rows["model"]
+    assert probe["accuracy"]["value"] == rows["model+last-layer none"]["accuracy"]["value"]
+    start = load_checkpoint(trained / "linear_probe" / "pretrained.pt")
+    assert start["epoch"] == 0 and "calibration" not in start
+    own = load_checkpoint(best)["state_dict"]
+    backbone = [k for k in own if not k.startswith(("head", "classifier", "fc"))]
+    assert backbone and all(torch.equal(start["state_dict"][k], own[k]) for k in backbone)
+    averaged = rows[f"model + {trained.name} (mean)"]
+    assert averaged["accuracy"]["value"] == alone["accuracy"]["value"] and averaged["ece_before"] is None

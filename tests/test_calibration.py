@@ -21,7 +21,7 @@ from race_classifier.export.onnx import preprocessed_batches
 from race_classifier.labels import get_taxonomy
 from race_classifier.models.checkpoint import load_checkpoint
 from race_classifier.models.loaders import load_predictor
-from race_classifier.training.finalize import CARD_SECTIONS, MODEL_CARD
+from race_classifier.post_training.model_card import CARD_SECTIONS, MODEL_CARD
 from race_classifier.training.report import class_key
 from race_classifier.utils import atomic_torch_save
 
@@ -53,7 +53,8 @@ def test_fit_temperature_recovers_a_known_temperature_and_lowers_ece():
 
 def test_temperature_on_a_search_bound_is_flagged_and_few_images_warned():
     from race_classifier.evaluation.calibration import MIN_CALIBRATION_IMAGES, TEMPERATURE_BOUNDS
-    from race_classifier.training.finalize import calibrate_head, calibrate_logits, calibration_warnings
+    from race_classifier.post_training.calibrate import calibrate_head, calibrate_logits
+    from race_classifier.post_training.model_card import calibration_warnings
     rng = np.random.default_rng(0)
     labels = np.arange(30) % 3
     # Always confidently wrong: the NLL falls all the way to uniform probabilities, T runs into 50.

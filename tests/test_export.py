@@ -15,7 +15,9 @@ from race_classifier.cli import main as cli_main
 from race_classifier.data.manifest import read_manifest
 from race_classifier.data.transforms import Preprocessing
 from race_classifier.evaluation.runner import predict_samples
-from race_classifier.export.onnx import FP32_TOLERANCE, ExportError, export_checkpoint
+from race_classifier.export.exporter import export_checkpoint
+from race_classifier.export.onnx import ExportError
+from race_classifier.export.options import FP32_TOLERANCE
 from race_classifier.labels import get_taxonomy
 from race_classifier.models.checkpoint import load_model, save_checkpoint
 from race_classifier.models.factory import create_model

@@ -20,11 +20,12 @@ from race_classifier.data.transforms import build_transform
 from race_classifier.evaluation.calibration import softmax
 from race_classifier.evaluation.compare import compare_predictions
 from race_classifier.evaluation.runner import predict_logits
-from race_classifier.heads import FAIRFACE_AGE_RANGES, AgeBins, Head, HeadLayout, class_map, targets_tensor
+from race_classifier.heads import FAIRFACE_AGE_RANGES, AgeBins, Head, HeadLayout, class_map, head_targets
 from race_classifier.labels import get_taxonomy
 from race_classifier.models.checkpoint import load_checkpoint
 from race_classifier.models.loaders import load_predictor
-from race_classifier.training.finalize import MODEL_CARD, calibrate_head
+from race_classifier.post_training.calibrate import calibrate_head
+from race_classifier.post_training.model_card import MODEL_CARD
 from race_classifier.utils import atomic_torch_save
 
 RACE4 = ["White", "Black", "Asian", "Indian"]  # the 4 patterns renamed, so FairFace's races map onto them
@@ -229,7 +230,7 @@ def test_training_fits_a_temperature_per_head(multitask_checkpoint, multitask_ma
     cal = load_checkpoint(multitask_checkpoint)["calibration"]
     samples = _samples(multitask_manifests)
     predictor = load_predictor(multitask_checkpoint)
-    targets = targets_tensor(predictor.heads, samples).numpy()
+    targets = head_targets(predictor.heads, samples)
     logits, _ = predict_logits(predictor, samples, workers=0, all_heads=True)
     parts = predictor.heads.split(logits)
     assert cal["n"] == (targets[:, 0] >= 0).sum()  # race: race-labelled images only

@@ -21,7 +21,10 @@ from PIL import Image
 
 from race_classifier.cli import main as cli_main
 from race_classifier.data.manifest import read_manifest
-from race_classifier.export.onnx import FP32_TOLERANCE, ExportError, export_checkpoint, write_metadata
+from race_classifier.export.exporter import export_checkpoint
+from race_classifier.export.onnx import ExportError
+from race_classifier.export.options import FP32_TOLERANCE
+from race_classifier.models.onnx_metadata import write_metadata
 from race_classifier.heads import HeadLayout
 from race_classifier.inference.classifier import Classifier, FacePrediction
 from race_classifier.inference.cli import csv_columns

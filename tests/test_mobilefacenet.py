@@ -215,7 +215,7 @@ def test_training_a_mobilefacenet_stores_its_crop_and_its_provenance_in_the_card
 
 
 def test_model_card_provenance_only_for_models_on_the_backbone():
-    from race_classifier.training.finalize import _backbone_provenance
+    from race_classifier.post_training.model_card import _backbone_provenance
     assert _backbone_provenance({"arch": "torchvision:mobilenet_v2", "train_args": {"pretrained": "x.pth"}}) is None
     assert _backbone_provenance({"arch": "mobilefacenet"})["origin"].count(ONNX_SHA256) == 1
     assert _backbone_provenance({"arch": "ensemble", "ensemble": {"members": [

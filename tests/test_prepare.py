@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from race_classifier.data import prepare as P
+from race_classifier.data import split as SP
+from race_classifier.data.options import add_prepare_arguments
 from race_classifier.data import sources as S
 from race_classifier.data.manifest import read_manifest
 from race_classifier.labels import get_taxonomy
@@ -36,7 +38,7 @@ def write_image(path: Path) -> Path:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="race-classifier prepare")
-    P.add_arguments(parser)
+    add_prepare_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -83,7 +85,7 @@ def test_folder_tree_synonyms_map_to_seed5(tree, tmp_path):
 
 def test_split_keeps_identities_apart_and_is_stratified(tree, tmp_path):
     records = S.scan_folder_tree(tree)
-    train, val = P.split_by_identity(records, val_fraction=0.25, seed=3)
+    train, val = SP.split_by_identity(records, val_fraction=0.25, seed=3)
     assert len(train) + len(val) == len(records)
     assert not {r.identity for r in train} & {r.identity for r in val}
     assert {r.label for r in val} == set(FOLDER_TO_SEED5)
@@ -174,8 +176,8 @@ def test_val_fraction_out_of_range_is_an_error(tree, tmp_path, fraction):
 
 
 def test_a_val_fraction_that_is_not_one_fold_is_warned_with_the_share_held_out(caplog):
-    assert P._check_val_fraction(0.1) == 10 and "holds out" not in caplog.text
-    assert P._check_val_fraction(0.4) == 2
+    assert SP.check_val_fraction(0.1) == 10 and "holds out" not in caplog.text
+    assert SP.check_val_fraction(0.4) == 2
     assert "val_fraction 0.4 holds out one of 2 stratified folds: about 50.0% of the identities" in caplog.text
 
 
@@ -183,7 +185,7 @@ def test_too_few_identities_for_the_split_is_an_error(tmp_path):
     write_image(tmp_path / "tree" / "White" / "p1" / "a.jpg")
     write_image(tmp_path / "tree" / "Black" / "p2" / "a.jpg")
     with pytest.raises(P.PrepareError, match="only 2 identities"):
-        P.split_by_identity(S.scan_folder_tree(tmp_path / "tree"), val_fraction=0.1, seed=0)
+        SP.split_by_identity(S.scan_folder_tree(tmp_path / "tree"), val_fraction=0.1, seed=0)
 
 
 def test_class_without_validation_images_is_named(tree, tmp_path, caplog):

@@ -12,7 +12,7 @@ import torch
 from race_classifier.cli import main as cli_main
 from race_classifier.data.manifest import read_manifest
 from race_classifier.models.checkpoint import load_checkpoint, load_model
-from race_classifier.training.rebalance import (balance_weights, class_recalls, cross_fitted_offsets_estimate,
+from race_classifier.post_training.rebalance import (balance_weights, class_recalls, cross_fitted_offsets_estimate,
                                                 extract_features, fit_last_layer, fit_recall_offsets, last_linear)
 
 

@@ -29,16 +29,18 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 
 from race_classifier.data.image_io import ImageLoadError, load_rgb
 from race_classifier.data.manifest import Sample
+from race_classifier.data.options import IMAGES_PER_SHARD
 from race_classifier.utils import atomic_write_text, progress_bar
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 2
-IMAGES_PER_SHARD = 2048  # ~400 MB a shard at 258 px (224 px training); small enough to copy, few enough to list
 MAX_LISTED = 20
 
 
@@ -64,8 +66,6 @@ def _file_stamp(path: str, ns: bool = True) -> tuple[int, int]:
 def resize_square(image: Image.Image, size: int) -> Image.Image:
     """Shorter side to ``size``, centre crop, with the very calls of the evaluation transform (timm's, at
     crop_pct 1): an image cached at the input size is then exactly what evaluation makes of the file."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as F
     return F.center_crop(F.resize(image, size, interpolation=InterpolationMode.BILINEAR), size)
 
 

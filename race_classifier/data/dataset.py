@@ -19,7 +19,7 @@ from race_classifier.rng import seeded
 class FaceDataset(Dataset):
     def __init__(self, samples: Sequence[Sample], transform, cache=None, draft_size: int | None = None,
                  targets: torch.Tensor | None = None):
-        """``targets``: (N, heads) class indices per head (heads.targets_tensor), -1 where unknown;
+        """``targets``: (N, heads) class indices per head (heads.head_targets), -1 where unknown;
         default: the race label alone."""
         self.samples = list(samples)
         self.targets = targets if targets is not None else torch.tensor(

@@ -38,11 +38,25 @@ from pathlib import Path
 import yaml
 
 from race_classifier.data.manifest import write_manifest_set
-from race_classifier.data.sources import (FAIRFACE_TAXONOMY, UTKFACE_TAXONOMY, PrepareError, Record,
-                                          read_fairface_csv, read_manifest_records, resolve_fairface_source,
-                                          scan_folder_tree, scan_utkface)
-from race_classifier.labels import Taxonomy, UnknownLabelError, get_mapping, get_taxonomy, load_label_map
-
+from race_classifier.data.sources import (
+    FAIRFACE_TAXONOMY,
+    UTKFACE_TAXONOMY,
+    PrepareError,
+    Record,
+    read_fairface_csv,
+    read_manifest_records,
+    resolve_fairface_source,
+    scan_folder_tree,
+    scan_utkface,
+)
+from race_classifier.data.split import map_records, split_then_map
+from race_classifier.labels import (
+    Taxonomy,
+    UnknownLabelError,
+    get_mapping,
+    get_taxonomy,
+    load_label_map,
+)
 
 SOURCE_KINDS = ("fairface", "utkface", "folder", "manifest")
 WEIGHTS_FILE = "source_weights.yaml"
@@ -170,7 +184,6 @@ def read_mix_source(source: MixSource) -> tuple[list[Record], list[Record] | Non
 def prepare_mix(config: MixConfig, out_dir: str | Path) -> dict:
     """Read, map and split every source; write train.txt, val.txt (with a source column), classes.txt and,
     with weights, source_weights.yaml. Returns a summary (``format_mix_summary``)."""
-    from race_classifier.data.prepare import map_records, split_then_map  # prepare imports this module
     train: list[Record] = []
     val: list[Record] = []
     per_source = {}

@@ -15,105 +15,54 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import warnings
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
-from race_classifier.labels import (DEFAULT_TAXONOMY, LabelMapping, Taxonomy, UnknownLabelError, get_mapping,
-                                    get_taxonomy, load_label_map)
-from race_classifier.data.cache import IMAGES_PER_SHARD
 from race_classifier.data.manifest import write_manifest_set
-from race_classifier.data.mix import WEIGHTS_FILE, format_mix_summary, load_mix_config, prepare_mix
-from race_classifier.data.shards import build_prepared_shards, format_shard_summary, parse_sizes
-from race_classifier.data.sources import (FAIRFACE_TAXONOMY, FAIRFACE_VAL_CSV, UTKFACE_TAXONOMY, PrepareError,
-                                          Record, _warn_list, count_loose_images, read_fairface_csv,
-                                          resolve_fairface_source, scan_folder_tree, scan_utkface)
+from race_classifier.data.mix import (
+    WEIGHTS_FILE,
+    format_mix_summary,
+    load_mix_config,
+    prepare_mix,
+)
+from race_classifier.data.shards import (
+    build_prepared_shards,
+    format_shard_summary,
+    parse_sizes,
+)
+from race_classifier.data.sources import (
+    FAIRFACE_TAXONOMY,
+    UTKFACE_TAXONOMY,
+    PrepareError,
+    Record,
+    _warn_list,
+    count_loose_images,
+    read_fairface_csv,
+    resolve_fairface_source,
+    scan_folder_tree,
+    scan_utkface,
+)
+from race_classifier.data.split import (
+    check_val_fraction,
+    map_records,
+    require_images,
+    split_then_map,
+)
+from race_classifier.labels import (
+    DEFAULT_TAXONOMY,
+    LabelMapping,
+    Taxonomy,
+    UnknownLabelError,
+    get_mapping,
+    get_taxonomy,
+    load_label_map,
+)
 
 log = logging.getLogger(__name__)
 
-KINDS = ("folder", "fairface", "utkface", "mix")
-
-
-# --------------------------------------------------------------------------------------------- split
-
-def _check_val_fraction(val_fraction: float) -> int:
-    """The number of folds for ``val_fraction`` (validation is one fold)."""
-    if not 0 < val_fraction <= 0.5:
-        raise PrepareError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
-    n_splits = round(1 / val_fraction)
-    if abs(1 / n_splits - val_fraction) > 0.005:  # e.g. 0.4: one fold of 2
-        log.warning("val_fraction %g holds out one of %d stratified folds: about %.1f%% of the identities",
-                    val_fraction, n_splits, 100 / n_splits)
-    return n_splits
-
-
-def split_by_identity(records: list[Record], val_fraction: float = 0.1, seed: int = 0) -> tuple[list[Record], list[Record]]:
-    """(train, val): no identity on both sides, stratified by ``label``, the same for the same seed.
-
-    Validation is fold 0 of ``round(1 / val_fraction)`` stratified group folds.
-    """
-    n_splits = _check_val_fraction(val_fraction)
-    if not records:
-        raise PrepareError("no images to split")
-    groups = np.array([r.identity for r in records])
-    labels = np.array([r.label for r in records])
-    n_groups = len(np.unique(groups))
-    if n_groups < n_splits:
-        raise PrepareError(f"only {n_groups} identities: val_fraction {val_fraction} needs at least {n_splits} "
-                           "(one fold of identities becomes validation)")
-    folds = _fold_splitter(n_splits, seed, singletons=n_groups == len(records))
-    with warnings.catch_warnings():
-        # Sparse classes draw sklearn's generic warning; we name the classes left out of val instead.
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            train_idx, val_idx = next(folds.split(np.zeros(len(records)), labels, groups))
-        except ValueError as e:
-            raise PrepareError(f"cannot split {len(records)} images into {n_splits} folds "
-                               f"(val_fraction {val_fraction}): {e}") from None
-    return [records[i] for i in train_idx], [records[i] for i in val_idx]
-
-
-def _fold_splitter(n_splits: int, seed: int, singletons: bool):
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-    if singletons:
-        # Every identity has one image (FairFace, UTKFace), so plain stratified folds keep identities
-        # apart just as well; StratifiedGroupKFold's per-group loop takes ~10 s on 35,000 images.
-        return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
 
 
 # ------------------------------------------------------------------------------------------- prepare
-
-def map_records(records: list[Record], mapping: LabelMapping) -> tuple[list[Record], Counter]:
-    """Records relabelled with target class names, and a count of dropped images per source class."""
-    mapped: list[Record] = []
-    dropped: Counter = Counter()
-    for record in records:
-        try:
-            source_index = mapping.source.index(record.label)
-        except UnknownLabelError as e:
-            raise PrepareError(f"{record.path}: {e}") from None
-        target_index = mapping(source_index)
-        if target_index is None:
-            dropped[mapping.source.classes[source_index]] += 1
-        else:
-            mapped.append(replace(record, label=mapping.target.classes[target_index]))
-    return mapped, dropped
-
-
-def split_then_map(records: list[Record], mapping: LabelMapping, val_fraction: float,
-                   seed: int) -> tuple[list[Record], list[Record], Counter]:
-    """(train, val, dropped): split in the source's labels, then map both sides. The same seed thus holds
-    out the same images whatever the target taxonomy, so models trained in different taxonomies are
-    compared on the same faces."""
-    _require_images(*map_records(records, mapping), "")
-    train, val = split_by_identity(records, val_fraction, seed)
-    (train, dropped), (val, val_dropped) = map_records(train, mapping), map_records(val, mapping)
-    return train, val, dropped + val_dropped
-
 
 def prepare(records: list[Record], out_dir: str | Path, source_taxonomy: Taxonomy | str,
             target_taxonomy: Taxonomy | str = DEFAULT_TAXONOMY, label_overrides: dict[str, str | None] | None = None,
@@ -124,15 +73,15 @@ def prepare(records: list[Record], out_dir: str | Path, source_taxonomy: Taxonom
     ``val_fraction`` is ignored. Returns a summary dict (see ``format_summary``).
     """
     source, target = get_taxonomy(source_taxonomy), get_taxonomy(target_taxonomy)
-    _check_val_fraction(val_fraction)
+    check_val_fraction(val_fraction)
     mapping = get_mapping(source, target, label_overrides)
     if val_records is None:
         train, val, dropped = split_then_map(records, mapping, val_fraction, seed)
     else:
         train, dropped = map_records(records, mapping)
         val, val_dropped = map_records(val_records, mapping)
-        _require_images(train, dropped, "training ")
-        _require_images(val, val_dropped, "validation ")
+        require_images(train, dropped, "training ")
+        require_images(val, val_dropped, "validation ")
         dropped += val_dropped
         _warn_shared_identities(train, val)
     _warn_classes_without_val(target, train, val)
@@ -146,12 +95,6 @@ def prepare(records: list[Record], out_dir: str | Path, source_taxonomy: Taxonom
 
 def _row(record: Record) -> tuple[str, str, str, str, str]:
     return record.path, record.label, record.gender, record.age, record.source
-
-
-def _require_images(records: list[Record], dropped: Counter, what: str) -> None:
-    if not records:
-        dropped_text = f" ({sum(dropped.values())} dropped by the label mapping)" if dropped else ""
-        raise PrepareError(f"no {what}images left to write{dropped_text}")
 
 
 def _warn_shared_identities(train: list[Record], val: list[Record]) -> None:
@@ -229,35 +172,6 @@ def _source_lines(source: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=KINDS, help="folder: root/<race>/<identity>/<image>; "
-                        "fairface: FairFace's label CSV or its folder; utkface: a folder of UTKFace images; "
-                        "mix: a YAML config of several sources (see race_classifier/data/mix.py)")
-    parser.add_argument("source", metavar="SOURCE", help="the folder tree, CSV, folder or mix config to read")
-    parser.add_argument("--out", required=True, help="folder to write train.txt, val.txt and classes.txt to")
-    parser.add_argument("--taxonomy", default=DEFAULT_TAXONOMY,
-                        help="target taxonomy: a built-in name, a class file, or a comma-separated list "
-                        f"(default {DEFAULT_TAXONOMY})")
-    parser.add_argument("--source_taxonomy", default=None,
-                        help="folder only: the taxonomy the folder names are in (default: the target taxonomy)")
-    parser.add_argument("--label_map", default=None,
-                        help="YAML of source class: target class (null drops the class)")
-    parser.add_argument("--val_fraction", type=float, default=0.1,
-                        help="share of identities held out for validation, in (0, 0.5] (default 0.1); held "
-                        "out as one of round(1/F) stratified folds, so 0.4 holds out 1/2 (warned)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
-    parser.add_argument("--val_csv", default=None,
-                        help="fairface only: a label CSV to use as the validation set instead of a random "
-                        f"split (default: {FAIRFACE_VAL_CSV} when SOURCE is a folder holding one)")
-    parser.add_argument("--shards", default=None, metavar="SIZES",
-                        help="also store the images pre-resized for training at these image sizes (e.g. 224 or "
-                        "112,224) as memory-mapped uint8 shards in OUT/shards/<size>/, which training reads")
-    parser.add_argument("--images_per_shard", type=int, default=IMAGES_PER_SHARD,
-                        help=f"images in each --shards file (default {IMAGES_PER_SHARD})")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="processes decoding images for --shards")
-
 
 def run(args: argparse.Namespace) -> int:
     """Carry out ``prepare`` for parsed arguments; prints the summary. Bad input raises PrepareError."""

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from race_classifier.heads import canonical_gender
+
 
 def class_balanced_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     """Per-sample weights that give every present class the same total weight. Samples without a race label
@@ -38,7 +40,6 @@ def group_balanced_weights(labels: Sequence[int], groups: Sequence[str]) -> torc
     head reads it ('M', 'male' and 'Male' are one group). An unknown group ('', '-', 'unknown') is a cell of
     its own in each class: unknown-gender faces are neither dropped nor counted as one of the genders.
     """
-    from race_classifier.heads import canonical_gender
     if len(labels) != len(groups):
         raise ValueError(f"{len(labels)} labels but {len(groups)} groups")
     cells = list(zip((int(y) for y in labels), (canonical_gender(g) or "" for g in groups)))

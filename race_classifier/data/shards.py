@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from race_classifier.data.cache import IMAGES_PER_SHARD, INDEX_NAME, ImageCache, cache_size_for
+from race_classifier.data.cache import INDEX_NAME, ImageCache, cache_size_for
 from race_classifier.data.manifest import manifest_image_paths
+from race_classifier.data.options import IMAGES_PER_SHARD
 
 SHARDS_FOLDER = "shards"
 MANIFESTS = ("train.txt", "val.txt")

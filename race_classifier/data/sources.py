@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from race_classifier.data.manifest import not_utf8_message
+from race_classifier.data.manifest import ManifestError, iter_manifest, not_utf8_message
 from race_classifier.labels import Taxonomy, UnknownLabelError, get_taxonomy
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,6 @@ def scan_utkface(folder: str | Path) -> tuple[list[Record], list[str]]:
 def read_manifest_records(manifest: str | Path, taxonomy: Taxonomy | str) -> list[Record]:
     """Records of an existing manifest, labels checked against ``taxonomy`` (not mapped). A manifest has no
     identities, so each image is its own; gender and age columns are kept; missing images are skipped."""
-    from race_classifier.data.manifest import ManifestError, iter_manifest
     manifest = Path(manifest)
     if not manifest.is_file():
         raise PrepareError(f"manifest not found: {manifest}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from timm.data import create_transform
+from torchvision import transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,7 +88,6 @@ class ChipBoxCrop:
 def build_transform(pre: Preprocessing, train: bool, aug: Augmentation | None = None):
     transform = _timm_transform(pre, train, aug)
     if (pre.crop or {}).get("chip_box"):  # before anything else, augmentation included: as the model's input
-        from torchvision import transforms
         return transforms.Compose([ChipBoxCrop(pre.crop), *transform.transforms])
     return transform
 

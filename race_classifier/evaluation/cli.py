@@ -14,56 +14,38 @@ import json
 import logging
 from pathlib import Path
 
-from race_classifier.evaluation.formatting import fmt_ci, fmt_ece_floor, fmt_num, fmt_pct, fmt_pp
-from race_classifier.evaluation.runner import (load_eval_samples, predict_samples, predictions_from_csv,
-                                               scored_heads, write_predictions_csv)
+from race_classifier.device import resolve_device
+from race_classifier.evaluation.calibration import selective_accuracy, uncalibrated
+from race_classifier.evaluation.compare import compare_predictions
+from race_classifier.evaluation.formatting import (
+    fmt_ci,
+    fmt_ece_floor,
+    fmt_num,
+    fmt_pct,
+    fmt_pp,
+)
+from race_classifier.evaluation.metrics import (
+    clean_predictions,
+    evaluate_predictions,
+    expected_calibration_error,
+    head_table,
+    race_labelled,
+)
+from race_classifier.evaluation.options import add_arguments
+from race_classifier.evaluation.report import render_report
+from race_classifier.evaluation.runner import (
+    load_eval_samples,
+    predict_samples,
+    predictions_from_csv,
+    scored_heads,
+    write_predictions_csv,
+)
 from race_classifier.heads import canonical_gender
 from race_classifier.labels import get_mapping, get_taxonomy, load_label_map
 from race_classifier.models.loaders import load_predictor
-from race_classifier.utils import add_amp_argument, add_hidden_aliases, atomic_write_text, run_command
+from race_classifier.utils import add_hidden_aliases, atomic_write_text, run_command
 
 log = logging.getLogger("race_classifier.evaluate")
-
-
-def add_arguments(p: argparse.ArgumentParser, baseline_required: bool = False) -> argparse.ArgumentParser:
-    p.add_argument("--model_path", required=True, help="the model to evaluate: a checkpoint, FairFace "
-                   "ResNet-34, TorchScript or ONNX file")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--root_dir", help="images as root/<race>/<identity>/<image>")
-    src.add_argument("--val_txt", help="a manifest (gender/age columns used when present)")
-    p.add_argument("--output_csv", required=True, help="per-image predictions")
-    p.add_argument("--output_html", help="self-contained HTML report")
-    p.add_argument("--taxonomy", help="evaluate in this taxonomy (default: the model's own classes)")
-    p.add_argument("--source_taxonomy", help="taxonomy of the data's labels, when it differs (mapped)")
-    p.add_argument("--label_map", help="YAML overriding the data-label mapping (class: class or null)")
-    p.add_argument("--labels", help="class order of a model file without metadata (TorchScript/ONNX)")
-    p.add_argument("--image_size", type=int, help="input size of a model file without metadata")
-    p.add_argument("--mean", type=float, nargs=3, help="normalisation mean of a model file without metadata")
-    p.add_argument("--std", type=float, nargs=3, help="normalisation std of a model file without metadata")
-    g = p.add_argument_group("baseline (e.g. the production model), scored on the same images")
-    base = g.add_mutually_exclusive_group(required=baseline_required)
-    base.add_argument("--baseline_path", help="checkpoint, FairFace ResNet-34, TorchScript or ONNX file")
-    base.add_argument("--baseline_predictions", help="CSV of the baseline's predictions: path, pred_label, "
-                      "optional prob_<class> columns")
-    g.add_argument("--baseline_labels", help="the baseline's class order/taxonomy (TorchScript, ONNX, CSV)")
-    g.add_argument("--baseline_image_size", type=int, help="input size of a baseline file without metadata")
-    g.add_argument("--baseline_mean", type=float, nargs=3, help="normalisation mean of a baseline file without "
-                   "metadata")
-    g.add_argument("--baseline_std", type=float, nargs=3, help="normalisation std of a baseline file without "
-                   "metadata")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation of the evaluated model: average "
-                   "each face's calibrated probabilities with its horizontal mirror's")
-    g.add_argument("--baseline_tta", action="store_true", help="the same for the baseline model file")
-    p.add_argument("--batch_size", type=int, default=64, help="images per model call")
-    p.add_argument("--workers", type=int, default=2, help="image-loading processes")
-    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the intervals of balanced "
-                   "accuracy, group gaps and model differences (accuracies get Wilson score intervals)")
-    p.add_argument("--abstain", action="store_true", help="also report coverage and accuracy on the images the "
-                   "model answers with its stored abstention threshold (calibrated checkpoints and their exports)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap and the ECE noise floor's draws")
-    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
-    add_amp_argument(p)
-    return p
 
 
 HEAD_TITLES = {"gender": "gender", "age": "age group"}
@@ -125,18 +107,10 @@ def print_comparison(comparison: dict, name_a: str, name_b: str) -> None:
     print(f"  * significant at alpha {comparison['alpha']}")
 
 
-def _device(spec: str) -> str:
-    import torch
-    return ("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec
-
-
 def _add_calibration(evaluation: dict, table, model, *, mapped: bool, abstain: bool, n_boot: int, seed: int) -> None:
     """A model with a stored temperature: its ``ece`` is the calibrated one; add ``calibration`` with the ECE
     the raw softmax would have had (each extra head likewise, with its own temperature). ``abstain``: add
     ``abstention``, coverage and accuracy on answered images (race only)."""
-    from race_classifier.evaluation.calibration import selective_accuracy
-    from race_classifier.evaluation.metrics import clean_predictions, head_table, race_labelled
-
     valid, _ = clean_predictions(race_labelled(table), evaluation["classes"])
     correct = (valid["y_true"] == valid["y_pred"]).to_numpy(float)
     confidence = valid["confidence"].to_numpy(float)
@@ -156,8 +130,6 @@ def _add_calibration(evaluation: dict, table, model, *, mapped: bool, abstain: b
 
 
 def _ece_before_after(evaluation: dict, valid, temperature: float) -> None:
-    from race_classifier.evaluation.calibration import uncalibrated
-    from race_classifier.evaluation.metrics import expected_calibration_error
     if temperature == 1.0 or not len(valid):
         return
     k = len(evaluation["classes"])
@@ -182,12 +154,9 @@ def _warn_about_head_labels(samples, heads, source: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from race_classifier.evaluation.compare import compare_predictions
-    from race_classifier.evaluation.metrics import evaluate_predictions
-
     if args.baseline_tta and not args.baseline_path:
         raise ValueError("--baseline_tta needs --baseline_path (a model file to run)")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = load_predictor(args.model_path, labels=args.labels, image_size=args.image_size,
                            mean=args.mean, std=args.std, device=device, tta=args.tta, amp=args.amp)
     taxonomy = get_taxonomy(args.taxonomy) if args.taxonomy else model.taxonomy
@@ -244,8 +213,6 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(metrics_path, json.dumps(results, indent=2, default=str))
     written = [args.output_csv, str(metrics_path)]
     if args.output_html:
-        from race_classifier.evaluation.report import render_report
-        from race_classifier.evaluation.metrics import race_labelled
         render_report(evaluation, race_labelled(table), classes, {**model.info, "name": model.name},
                       args.output_html, comparison=comparison, data_source=args.val_txt or args.root_dir)
         written.append(args.output_html)

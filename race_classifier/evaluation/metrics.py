@@ -31,7 +31,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
+
+from race_classifier.heads import MISSING_VALUES, canonical_gender
 
 N_CALIBRATION_BINS = 15
 N_CALIBRATION_DRAWS = 1000  # consistency resamples behind ece_if_calibrated
@@ -80,7 +83,6 @@ def age_group(value) -> str:
     """FairFace age range of ``value``: ranges ('3-9', 'more than 70') pass through; integer ages
     (UTKFace) are binned into FairFace's ranges (70 and over -> 'more than 70'); unknown ('-', 'unknown', NaN,
     a negative code such as -1) -> ''."""
-    from race_classifier.heads import MISSING_VALUES
     text = "" if value is None else str(value).strip()
     if text.lower() in MISSING_VALUES:
         return ""
@@ -170,7 +172,6 @@ def subgroup_masks(df: pd.DataFrame, classes: Sequence[str]) -> dict[str, list[t
 
     Only dimensions where some row has a value; rows with an empty value are left out of that dimension.
     """
-    from race_classifier.heads import canonical_gender
     n = len(df)
     # 'M', 'male' and 'Male' are one group, as for the gender head; unknown markers ('-', 'unknown') none
     gender = (np.array([canonical_gender(g) or "" for g in df["gender"]], dtype=str) if "gender" in df
@@ -245,7 +246,6 @@ def wilson_ci(k: int, n: int, ci: float = 0.95) -> dict:
     """{"value", "ci_low", "ci_high"} of a proportion k / n with its Wilson score interval (scipy's
     ``binomtest(...).proportion_ci(method="wilson")``, without continuity correction); all None when n = 0.
     0 of 6 gives [0, 0.390], 6 of 6 [0.610, 1], 1 of 1 [0.207, 1]."""
-    from scipy.stats import binomtest
     k, n = int(round(k)), int(n)
     if n <= 0:
         return {"value": None, "ci_low": None, "ci_high": None}

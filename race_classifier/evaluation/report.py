@@ -12,12 +12,27 @@ import io
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from race_classifier.data.image_io import load_rgb
-from race_classifier.evaluation.formatting import (_missing, ci_label, fmt_ci, fmt_count, fmt_ece_floor, fmt_num,
-                                                   fmt_p, fmt_pct, fmt_points, fmt_pp, fmt_pp_ci, fmt_value)
+from race_classifier.evaluation.formatting import (
+    _missing,
+    ci_label,
+    fmt_ci,
+    fmt_count,
+    fmt_ece_floor,
+    fmt_num,
+    fmt_p,
+    fmt_pct,
+    fmt_points,
+    fmt_pp,
+    fmt_pp_ci,
+    fmt_value,
+)
 from race_classifier.utils import atomic_write_text
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
@@ -87,8 +102,6 @@ def _unreadable_mask(predictions: pd.DataFrame) -> pd.Series:
 
 def _new_figure(width: float, height: float):
     # Figure + the Agg canvas directly: no pyplot, no global backend switch, nothing left open.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     return fig
@@ -140,7 +153,6 @@ def plot_confusion(matrix: list[list], classes: list[str], normalized: bool) -> 
     k = len(matrix)
     if k == 0:
         return None
-    import numpy as np
     values = np.array([[np.nan] * k if row is None else [np.nan if _missing(v) else float(v) for v in row]
                        for row in matrix], dtype=float)
     names = [_mpl_text(_class_name(classes, i)) for i in range(k)]

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader
 
 from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
 from race_classifier.data.manifest import Sample, read_manifest
+from race_classifier.data.sources import scan_folder_tree
 from race_classifier.data.transforms import build_transform
-from race_classifier.heads import AgeBins, Head, HeadLayout, class_map, targets_tensor
+from race_classifier.heads import AgeBins, Head, HeadLayout, class_map, head_targets
 from race_classifier.labels import LabelMapping, Taxonomy, get_mapping
 from race_classifier.models.loaders import Predictor
 from race_classifier.utils import atomic_write_text, progress_bar
@@ -37,7 +38,6 @@ def load_eval_samples(taxonomy: Taxonomy, *, root_dir: str | None = None, val_tx
         raise ValueError("give exactly one of --root_dir and --val_txt")
     if val_txt:
         return read_manifest(val_txt, taxonomy, mapping, check_files=False, keep_unlabelled=keep_unlabelled)
-    from race_classifier.data.sources import scan_folder_tree
     source = mapping.source if mapping else taxonomy
     samples = []
     for record in scan_folder_tree(root_dir, source):
@@ -79,7 +79,7 @@ def scored_heads(model_heads: HeadLayout, race_classes) -> HeadLayout:
 def head_truth(heads: HeadLayout, samples: list[Sample], source: str) -> dict[str, np.ndarray]:
     """{extra head: each sample's true class index in ``heads``, -1 where not labelled (or, for gender, a
     class the model does not have)}. A malformed age raises HeadError naming ``source`` and the line."""
-    targets = targets_tensor(heads, samples, source).numpy()
+    targets = head_targets(heads, samples, source)
     return {h.name: targets[:, i + 1] for i, h in enumerate(heads.extra)}
 
 

@@ -13,39 +13,20 @@ import argparse
 import json
 import logging
 
-from race_classifier.export.onnx import DEFAULT_OPSET, FP32_TOLERANCE, ExportReport, draw, export_checkpoint
-from race_classifier.export.quantize import CALIBRATION_METHODS, DEFAULT_CALIBRATION
+from race_classifier.data.manifest import read_manifest
+from race_classifier.export.exporter import ExportReport, export_checkpoint
+from race_classifier.export.onnx import draw
+from race_classifier.export.options import FP32_TOLERANCE
+from race_classifier.labels import Taxonomy, get_taxonomy
 from race_classifier.models.bundled import resolve_arguments
+from race_classifier.models.checkpoint import load_checkpoint
+from race_classifier.models.merged import label_mapping
+from race_classifier.utils import atomic_write_text
 
 log = logging.getLogger("race_classifier.export")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model_path", required=True, help="a race-classifier checkpoint (best.pt)")
-    p.add_argument("--output", required=True, help="the .onnx file to write (int8 with --quantize int8)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
-    p.add_argument("--quantize", choices=["int8"], help="int8: static QDQ with --calib_txt, else dynamic")
-    p.add_argument("--calib_txt", help="manifest whose images calibrate static int8 (e.g. train.txt)")
-    p.add_argument("--calib_images", type=int, default=256, help="calibration images drawn from --calib_txt "
-                   "(default %(default)s)")
-    p.add_argument("--calib_method", choices=CALIBRATION_METHODS, default=DEFAULT_CALIBRATION,
-                   help="activation range calibration (default %(default)s)")
-    p.add_argument("--val_txt", help="labelled images: parity and fp32 / int8 accuracy are measured on them")
-    p.add_argument("--source_taxonomy", help="taxonomy of the manifests' labels when it is not the model's (e.g. "
-                   "the classes a merge-classes model was trained in: mapped as its outputs are)")
-    p.add_argument("--max_val_images", type=int, help="use a seeded random subset of this many --val_txt images")
-    p.add_argument("--max_accuracy_drop", type=float, default=1.0,
-                   help="refuse an int8 model losing more accuracy points than this on --val_txt (default %(default)s)")
-    p.add_argument("--fp32_output", help="with --quantize, also write the verified fp32 model here")
-    p.add_argument("--report_json", help="also write the parity/accuracy report here")
-    p.add_argument("--batch_size", type=int, default=64, help="images per model call while checking parity and "
-                   "accuracy on --val_txt (default %(default)s)")
-    p.add_argument("--workers", type=int, default=0, help="image-loading processes (default %(default)s)")
-    return p
-
-
 def _samples(manifest: str | None, taxonomy, limit: int | None = None, mapping=None, keep_unlabelled: bool = False):
-    from race_classifier.data.manifest import read_manifest
     if not manifest:
         return None
     samples = read_manifest(manifest, taxonomy, mapping, keep_unlabelled=keep_unlabelled)
@@ -80,11 +61,6 @@ def print_report(report: ExportReport) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from race_classifier.labels import Taxonomy, get_taxonomy
-    from race_classifier.models.checkpoint import load_checkpoint
-    from race_classifier.training.merge_classes import label_mapping
-    from race_classifier.utils import atomic_write_text
-
     # Manifests are read in the model's own classes (or mapped into them); an unknown label stops here, first.
     resolve_arguments(args, "model_path", checkpoint=True)
     ckpt = load_checkpoint(args.model_path)

@@ -23,15 +23,24 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from race_classifier.data.manifest import Sample
 from race_classifier.data.transforms import Preprocessing
-from race_classifier.export.onnx import INPUT_NAME, ExportError, draw, preprocessed_batches
+from race_classifier.export.onnx import ExportError, draw, preprocessed_batches
+from race_classifier.export.options import CALIBRATION_METHODS, DEFAULT_CALIBRATION
+from race_classifier.models.onnx_metadata import INPUT_NAME
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_METHODS = ("percentile", "minmax", "entropy")
-DEFAULT_CALIBRATION = "percentile"
 CALIBRATION_BATCH = 16
 DYNAMIC_OPS = ("MatMul", "Attention", "LSTM", "Gather")
 
@@ -47,8 +56,6 @@ def calibration_batches(samples: list[Sample], preprocessing: Preprocessing, n_i
 
 
 def _reader(batches: list[np.ndarray]):
-    from onnxruntime.quantization import CalibrationDataReader
-
     class ImageCalibrationReader(CalibrationDataReader):
         """Feeds the preprocessed batches; ``set_range`` lets ORT calibrate one batch at a time
         (CalibStridedMinMax), so only one batch's intermediate tensors are held in memory."""
@@ -74,10 +81,6 @@ def _reader(batches: list[np.ndarray]):
 def quantize_int8(fp32_path: str | Path, output_path: str | Path, calibration: list[np.ndarray] | None,
                   method: str = DEFAULT_CALIBRATION) -> dict:
     """Write the int8 model of ``fp32_path`` to ``output_path``; returns the recipe (for the metadata)."""
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {method!r}: use one of {', '.join(CALIBRATION_METHODS)}")
     with tempfile.TemporaryDirectory(prefix="race-classifier-quant-") as tmp:

@@ -10,6 +10,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import set_external_data
+
+from race_classifier.utils import atomic_write_bytes
+
 # Smaller tensors stay inside the graph, as onnx's own converter does (size_threshold=1024).
 MIN_EXTERNAL_BYTES = 1024
 ALIGNMENT = 64  # bytes; aligned offsets let ONNX Runtime use the data in place
@@ -18,12 +24,6 @@ ALIGNMENT = 64  # bytes; aligned offsets let ONNX Runtime use the data in place
 def store_weights_once(models: list[str | Path], data_name: str) -> dict:
     """Rewrite ``models`` (ONNX files in one folder) so that their initializers of at least MIN_EXTERNAL_BYTES
     live in ``data_name`` beside them, each distinct tensor once. Returns {"tensors", "shared", "bytes"}."""
-    import onnx
-    from onnx import numpy_helper
-    from onnx.external_data_helper import set_external_data
-
-    from race_classifier.utils import atomic_write_bytes
-
     paths = [Path(p) for p in models]
     if len({p.parent.resolve() for p in paths}) != 1:
         raise ValueError("models sharing one external data file must be in one folder")

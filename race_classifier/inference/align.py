@@ -26,11 +26,16 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 from PIL import Image
 
-from race_classifier.data.transforms import FAIRFACE_CHIP_SIZE, FAIRFACE_MARGIN, arcface_crop, chip_box
-
+from race_classifier.data.transforms import (
+    FAIRFACE_CHIP_SIZE,
+    FAIRFACE_MARGIN,
+    arcface_crop,
+    chip_box,
+)
 
 # Median RetinaFace landmarks on 1,200 FairFace chips (224 px, padding 0.25), as fractions of the chip:
 # left eye, right eye (image order), nose tip, left and right mouth corner.
@@ -102,7 +107,6 @@ def _warp(rgb: np.ndarray, matrix: np.ndarray, size: int) -> Image.Image:
 
     A face much larger than the chip is first warped at a multiple of the size and then area-averaged
     down, so the chip is not aliased (FairFace's chips were resampled smoothly too)."""
-    import cv2
     scale = math.hypot(matrix[0, 0], matrix[0, 1])
     factor = min(4, max(1, int(1.0 / scale + 1e-6))) if scale > 0 else 1  # 1 unless shrinking 2x or more
     big = size * factor

@@ -17,20 +17,23 @@ with a row saying ``error`` for each input that failed.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from race_classifier.utils import add_amp_argument
+import torch
 
-if TYPE_CHECKING:  # the parser is built for every subcommand: torch and ONNX Runtime load only when used
-    from race_classifier.heads import Head
-    from race_classifier.inference.classifier import Classifier, ImagePrediction
+from race_classifier.heads import Head
+from race_classifier.inference.classifier import (
+    HEAD_FIELDS,
+    Classifier,
+    ImagePrediction,
+)
+from race_classifier.inference.video import annotate_photo, predict_video
+from race_classifier.utils import atomic_write_text
 
 log = logging.getLogger("race_classifier.predict")
 
@@ -38,58 +41,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 # Exit codes (module docstring); 2, bad usage, is run_command's and argparse's.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ALL_FAILED = 0, 1, 3
-EXIT_STATUS = ("exit status: 0 every input was read (images without a face included); 1 some inputs could not "
-               "be read (missing, not an image), the others were classified; 3 no input could be read; 2 bad "
-               "usage (unknown flag, bad value, no input, unreadable model). With 1 and 3 the output is still "
-               "written, with an error row for each input that failed.")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("inputs", nargs="*", metavar="PATH",
-                   help="images, folders (searched recursively), lists of paths (.txt, one a line), or - to "
-                        "read the list from standard input")
-    p.add_argument("--model_path", help="a bundled model (seed5, the default, or fairface7), or a checkpoint, "
-                   "exported ONNX, FairFace ResNet-34 or TorchScript file")
-    p.add_argument("--output", help="out.csv or out.json (default: CSV on standard output)")
-    p.add_argument("--no_detect", action="store_true", help="inputs are face crops already: classify each whole")
-    p.add_argument("--min_face", type=int, default=32, help="ignore faces smaller than this (pixels, shorter side)")
-    p.add_argument("--min_confidence", type=float, help="label faces below this confidence 'uncertain'")
-    p.add_argument("--abstain", action="store_true", help="label faces below the model's stored abstention "
-                   "threshold 'uncertain' (fitted on validation data; --min_confidence, if given, wins)")
-    p.add_argument("--batch_size", type=int, default=32, help="face crops per model call, across images")
-    p.add_argument("--detect_size", type=int, default=480,
-                   help="longer side photos are shrunk to for detection (crops come from the full image)")
-    p.add_argument("--detect_threshold", type=float, default=0.5, help="detector score threshold")
-    g = p.add_argument_group("video")
-    g.add_argument("--video", help="a video file, or a camera index (0, 1, ...)")
-    g.add_argument("--every", type=int, default=1, help="classify every N-th frame")
-    g.add_argument("--annotate", help="write an annotated copy, a box and label per face: of the video (.mp4 or "
-                   ".avi), of the one photo (.jpg or .png), or of each photo into this folder")
-    g.add_argument("--max_frames", type=int, help="stop after this many frames (e.g. for a camera)")
-    add_metadata_arguments(p)
-    add_runtime_arguments(p)
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for the classifier (default 1: on a shared 2-core machine a second thread "
-                        "made it ~5x slower, 306 vs 54 ms a photo; raise it on a dedicated machine)")
-    p.epilog = EXIT_STATUS
-    return p
-
-
-def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """How the model runs; predict and serve."""
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average each face's probabilities "
-                   "with its horizontal mirror's (two model passes per face)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (PyTorch models; ONNX runs on the CPU)")
-    add_amp_argument(p)
-
-
-def add_metadata_arguments(p: argparse.ArgumentParser) -> None:
-    """What a model file without metadata (TorchScript, foreign ONNX) cannot say itself; predict and serve."""
-    g = p.add_argument_group("model files without metadata (TorchScript, foreign ONNX)")
-    g.add_argument("--labels", help="class order: a taxonomy name, a class file or 'A,B,...'")
-    g.add_argument("--image_size", type=int, help="input size in pixels (default 224)")
-    g.add_argument("--mean", type=float, nargs=3, help="normalisation mean, RGB (default ImageNet's)")
-    g.add_argument("--std", type=float, nargs=3, help="normalisation std, RGB (default ImageNet's)")
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
@@ -152,7 +103,6 @@ def csv_columns(classes, extra_heads: tuple[Head, ...] = ()) -> list[str]:
 
 
 def _head_columns(head: Head) -> list[str]:
-    from race_classifier.inference.classifier import HEAD_FIELDS
     label, confidence, _ = HEAD_FIELDS[head.name]
     return [label, confidence, *[f"prob_{head.name}_{c}" for c in head.classes]]
 
@@ -179,7 +129,6 @@ def prediction_rows(pred: ImagePrediction, classes, frame: int | None = None, ti
 
 
 def _head_values(face, head: Head) -> dict:
-    from race_classifier.inference.classifier import HEAD_FIELDS
     label, confidence, probabilities = HEAD_FIELDS[head.name]
     return {label: getattr(face, label), confidence: round(getattr(face, confidence), 6),
             **{f"prob_{head.name}_{c}": round(p, 6) for c, p in getattr(face, probabilities).items()}}
@@ -202,7 +151,6 @@ def json_header(args, clf: Classifier) -> dict:
 
 
 def write_output(output: str | None, csv_text_fn, json_obj_fn) -> None:
-    from race_classifier.utils import atomic_write_text
     if output and Path(output).suffix.lower() == ".json":
         atomic_write_text(output, json.dumps(json_obj_fn(), indent=1) + "\n")
     elif output:
@@ -221,7 +169,6 @@ def _summary(preds: list[ImagePrediction]) -> str:
 # --- run --------------------------------------------------------------------------------------------------
 
 def build_classifier(args) -> "Classifier":
-    from race_classifier.inference.classifier import Classifier
     return Classifier.load(args.model_path, labels=args.labels, image_size=args.image_size, mean=args.mean,
                            std=args.std, device=args.device, detect=not args.no_detect, min_face=args.min_face,
                            min_confidence=args.min_confidence, abstain=args.abstain, tta=args.tta, amp=args.amp,
@@ -231,7 +178,6 @@ def build_classifier(args) -> "Classifier":
 
 def run(args) -> int:
     if args.threads:
-        import torch
         torch.set_num_threads(args.threads)
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--output must end in .csv or .json: {args.output}")
@@ -250,7 +196,6 @@ def run(args) -> int:
         if p.error:
             log.warning("%s: %s", p.source, p.error)
         elif p.source in annotated:
-            from race_classifier.inference.video import annotate_photo  # OpenCV only when asked
             annotate_photo(p, annotated[p.source])
     write_output(args.output,
                  lambda: to_csv((r for p in preds for r in prediction_rows(p, classes, extra_heads=extra)),
@@ -289,7 +234,6 @@ def exit_status(preds: list[ImagePrediction]) -> int:
 
 
 def _run_video(args) -> int:
-    from race_classifier.inference.video import predict_video
     if args.no_detect:
         raise ValueError("--no_detect does not apply to --video: frames are searched for faces")
     clf = build_classifier(args)

@@ -19,7 +19,9 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+import cv2
 import numpy as np
+import onnxruntime as ort
 from PIL import Image
 
 from race_classifier.models.bundled import BUNDLED_DIR
@@ -116,7 +118,6 @@ class FaceDetector:
 
     def __init__(self, score_threshold: float = 0.8, nms_threshold: float = 0.4, max_side: int = 640,
                  threads: int | None = None):
-        import onnxruntime as ort
         self.score_threshold, self.nms_threshold, self.max_side = score_threshold, nms_threshold, max_side
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 1
@@ -170,7 +171,6 @@ def downscale(rgb: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]
     scale = max_side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     try:
-        import cv2
         small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     except ImportError:  # PIL's box filter is the same area average, a little slower
         small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))

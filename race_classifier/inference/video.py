@@ -14,10 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from race_classifier.inference.classifier import Classifier, FacePrediction, ImagePrediction
-from race_classifier.utils import sibling_temp_file
+from race_classifier.data.image_io import load_rgb
+from race_classifier.inference.classifier import (
+    Classifier,
+    FacePrediction,
+    ImagePrediction,
+)
+from race_classifier.utils import atomic_write_bytes, sibling_temp_file
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,6 @@ class VideoResult:
 
 def open_capture(source: str | int):
     """A cv2.VideoCapture on a file, or on a camera given by its index ("0", "1", ...)."""
-    import cv2
     if isinstance(source, str) and source.isdigit():
         source = int(source)
     elif not isinstance(source, int) and not Path(str(source)).is_file():
@@ -65,7 +70,6 @@ def _temporary_path(path: str | Path) -> Path:
 
 
 def _writer(path: str | Path, fps: float, size: tuple[int, int], shown: str | Path | None = None):
-    import cv2
     path = Path(path)
     fourcc = "MJPG" if path.suffix.lower() == ".avi" else "mp4v"
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
@@ -86,7 +90,6 @@ def caption(face: FacePrediction) -> str:
 
 def draw(frame_bgr: np.ndarray, prediction: ImagePrediction | None) -> np.ndarray:
     """Boxes, landmarks and each face's ``caption`` drawn on a BGR frame (in place)."""
-    import cv2
     for face in (prediction.faces if prediction else []):
         if face.box is None:
             continue
@@ -102,10 +105,6 @@ def draw(frame_bgr: np.ndarray, prediction: ImagePrediction | None) -> np.ndarra
 def annotate_photo(prediction: ImagePrediction, out: str | Path) -> None:
     """A copy of the photo ``prediction`` was made from with its faces ``draw``n on it, written atomically
     (the format from ``out``'s suffix)."""
-    import cv2
-
-    from race_classifier.data.image_io import load_rgb
-    from race_classifier.utils import atomic_write_bytes
     bgr = np.ascontiguousarray(np.asarray(load_rgb(prediction.source))[:, :, ::-1])
     ok, encoded = cv2.imencode(Path(out).suffix.lower() or ".jpg", draw(bgr, prediction))
     if not ok:
@@ -117,7 +116,6 @@ def predict_video(clf: Classifier, source: str | int, *, every: int = 1, annotat
                   max_frames: int | None = None,
                   on_frame: Callable[[FrameResult], None] | None = None) -> VideoResult:
     """Classify the faces of every ``every``-th frame of ``source`` (a file or a camera index)."""
-    import cv2
     every = max(1, every)
     cap = open_capture(source)
     fps_in = cap.get(cv2.CAP_PROP_FPS) or 0.0

@@ -31,7 +31,14 @@ from torch import nn
 from race_classifier.data.transforms import Preprocessing
 from race_classifier.heads import HeadLayout
 from race_classifier.labels import Taxonomy
-from race_classifier.models.factory import WeightsMismatchError, create_model, read_state_dict, shared_weights_file
+from race_classifier.models.ensemble import build_ensemble
+from race_classifier.models.factory import (
+    WeightsMismatchError,
+    create_model,
+    read_state_dict,
+    shared_weights_file,
+)
+from race_classifier.models.merged import MergedRaceClasses
 from race_classifier.utils import atomic_torch_save
 
 FORMAT = "race-classifier-checkpoint"
@@ -132,13 +139,11 @@ def _rebuild(ckpt: dict, taxonomy: Taxonomy, heads: HeadLayout) -> nn.Module:
     merge = ckpt.get("merged_classes")
     trained_outputs = heads.num_outputs + (len(merge["table"]) - taxonomy.num_classes if merge else 0)
     if ckpt.get("ensemble"):
-        from race_classifier.models.ensemble import build_ensemble
         model = build_ensemble(ckpt["ensemble"], trained_outputs)
     else:
         model = create_model(ckpt["arch"], trained_outputs)
     model.load_state_dict(ckpt["state_dict"])
     if merge:
-        from race_classifier.models.merged import MergedRaceClasses
         model = MergedRaceClasses(model, merge["table"], taxonomy.num_classes, merge.get("temperature", 1.0),
                                   merge.get("offsets"))
     return model

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from race_classifier.models.factory import create_model
 from race_classifier.models.merged import LOG_FLOOR_PROBABILITY
 
 
@@ -37,7 +38,6 @@ class AveragedProbabilities(nn.Module):
 
 
 def build_ensemble(ensemble: dict, num_classes: int) -> AveragedProbabilities:
-    from race_classifier.models.factory import create_model
     members = [create_model(m["arch"], num_classes) for m in ensemble["members"]]
     return AveragedProbabilities(members, [m.get("temperature", 1.0) for m in ensemble["members"]],
                                  ensemble.get("offsets"))

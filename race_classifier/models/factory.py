@@ -15,7 +15,10 @@ from pathlib import Path
 import timm
 import torch
 import torchvision
+from safetensors.torch import load_file
 from torch import nn
+
+from race_classifier.models.mobilefacenet import MobileFaceNet, load_onnx_weights
 
 log = logging.getLogger(__name__)
 TORCHVISION_PREFIX = "torchvision:"
@@ -74,7 +77,6 @@ def read_state_dict(path: str | Path, follow: bool = True) -> dict[str, torch.Te
     that shares another's weights (``weights_from``) gives that one's (``follow``: one step, no chains)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types, none naming the file
@@ -147,7 +149,6 @@ def init_fine_tuning_classifier(model: nn.Module) -> None:
 
 def _create_mobilefacenet(num_classes: int, pretrained: str | None, drop_rate: float) -> nn.Module:
     """``arch: mobilefacenet`` (models/mobilefacenet.py): weights from its ONNX file, or a state dict."""
-    from race_classifier.models.mobilefacenet import MobileFaceNet, load_onnx_weights
     model = MobileFaceNet(num_classes=num_classes, drop_rate=drop_rate)
     if not pretrained:
         return model

@@ -19,15 +19,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 import torchvision
 
 from race_classifier.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from race_classifier.device import PrecisionError, precision_name, resolve_device, resolve_precision
-from race_classifier.heads import FAIRFACE_AGE_RANGES, FAIRFACE_GENDERS, Head, HeadLayout
+from race_classifier.device import (
+    PrecisionError,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+)
+from race_classifier.heads import (
+    FAIRFACE_AGE_RANGES,
+    FAIRFACE_GENDERS,
+    Head,
+    HeadLayout,
+)
 from race_classifier.labels import Taxonomy, get_taxonomy
 from race_classifier.models.bundled import UnknownModelError, model_file
 from race_classifier.models.checkpoint import FORMAT, load_model
+from race_classifier.models.ensemble import describe_ensemble
 from race_classifier.models.merged import merge_summary
 from race_classifier.models.onnx_metadata import read_metadata
 
@@ -228,7 +240,6 @@ def _from_checkpoint(path: Path, device: torch.device, amp_dtype: torch.dtype | 
     if loaded.heads.extra:
         info["heads"] = describe_heads(loaded.heads)
     if ckpt.get("ensemble"):
-        from race_classifier.models.ensemble import describe_ensemble
         info["ensemble"] = describe_ensemble(ckpt["ensemble"])
     if ckpt.get("merged_classes"):
         info["merged_classes"] = merge_summary(ckpt["merged_classes"])
@@ -263,8 +274,6 @@ def _load_fairface(path: Path, state: dict, device: torch.device,
 def _load_onnx(path: Path, labels, image_size, mean, std) -> Predictor:
     """An ONNX file through ONNX Runtime. A file exported by ``race-classifier export`` names its classes
     and preprocessing in its metadata; any other ONNX file needs ``labels`` (and its preprocessing)."""
-    import onnxruntime as ort
-
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types

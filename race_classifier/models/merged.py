@@ -1,7 +1,7 @@
 """A model that answers in coarser race classes than it was trained in.
 
 A model trained in fairface7 and scored in seed5 (East Asian + Southeast Asian -> Asian, Middle Eastern ->
-White) beat a model trained in seed5 here; ``race-classifier merge-classes`` (training/merge_classes.py)
+White) beat a model trained in seed5 here; ``race-classifier merge-classes`` (post_training/merge_classes.py)
 makes such a model deployable in the coarser classes. The checkpoint keeps the trained network untouched
 and records the merge under ``merged_classes``:
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from race_classifier.labels import Taxonomy
+from race_classifier.labels import LabelMapping, Taxonomy, get_mapping
 
 # log of a sum whose members all underflowed: a finite floor keeps softmax and the ONNX graph free of -inf
 LOG_FLOOR_PROBABILITY = 1e-30
@@ -75,3 +75,15 @@ def describe_merge(merge: dict) -> str:
 def merge_summary(merge: dict) -> str:
     """'trained in fairface7: East Asian + Southeast Asian -> Asian, ...' for model information and metadata."""
     return f"trained in {merge['from']['name']}: {describe_merge(merge)}"
+
+
+def label_mapping(ckpt: dict, labels):
+    """How labels in taxonomy ``labels`` become the classes ``ckpt`` answers in: a merged model's own merge
+    for labels in the classes it was trained in (label-map overrides included), else the built-in mapping;
+    None when they are its classes already."""
+    target, merge = Taxonomy.from_dict(ckpt["taxonomy"]), ckpt.get("merged_classes")
+    if list(labels.classes) == list(target.classes):
+        return None
+    if merge and list(labels.classes) == list(merge["from"]["classes"]):
+        return LabelMapping(labels, target, tuple(merge["table"]))
+    return get_mapping(labels, target)

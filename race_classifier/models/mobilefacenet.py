@@ -47,8 +47,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import onnx
 import torch
 import torch.nn.functional as F
+from onnx import helper, numpy_helper
 from torch import nn
 
 from race_classifier.data.transforms import arcface_crop
@@ -185,7 +187,6 @@ class OnnxWeightsError(ValueError):
 
 
 def _attributes(node) -> dict:
-    from onnx import helper
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -195,9 +196,6 @@ def onnx_parameters(path: str | Path) -> tuple[list[dict], list]:
     A PReLU is the pattern ``Add(Relu(x), Mul(Sub(x, Abs(x)), c))`` with ``c`` an initializer of shape
     (1, C, 1, 1); its slope is ``2c``. The graph is topologically sorted (ONNX requires it), so node order
     is run order."""
-    import onnx
-    from onnx import numpy_helper
-
     graph = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict
+from http import HTTPStatus
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
@@ -34,8 +35,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from race_classifier.inference.classifier import UNCERTAIN, Classifier, ImagePrediction
-from race_classifier.serving.limits import (Admission, ApiError, Limits, check_image_type, decode_image,
-                                            too_large)
+from race_classifier.serving.limits import (
+    Admission,
+    ApiError,
+    Limits,
+    check_image_type,
+    decode_image,
+    too_large,
+)
 
 log = logging.getLogger("race_classifier.serving")
 
@@ -227,7 +234,6 @@ def _describe_invalid(err: dict) -> str:
 
 def http_error_code(status: int) -> str:
     """404 -> 'not_found', 405 -> 'method_not_allowed': the status's reason phrase as a code."""
-    from http import HTTPStatus
     try:
         return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
     except ValueError:

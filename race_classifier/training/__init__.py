@@ -1,5 +1,7 @@
-"""Training: options (config), what a run reads (run_data), devices and precision (accel), the loop (engine,
-train), its outputs (report, finalize) and last-layer refits (rebalance)."""
+"""Training: options (config), what a run reads (run_data), the loop (engine, train), its best/last checkpoints
+(checkpoint_saver), its console and CSV report (report), torch.compile (accel), torchrun (distributed),
+mixup/CutMix (mixing) and distillation from soft labels (distill). A finished run's best.pt is calibrated and
+given its model card by post_training."""
 
 
 class TrainingError(ValueError):

@@ -8,19 +8,14 @@ import shutil
 import torch
 from torch import nn
 
-from race_classifier.device import resolve_device, resolve_precision
 from race_classifier.training import TrainingError
-
-# The names bench/gpu_train_speed.py imports from here; the package itself uses race_classifier.device.
-resolve_amp = resolve_precision
-__all__ = ["compile_model", "compile_unavailable", "is_compile_error", "resolve_amp", "resolve_device"]
 
 
 def compile_unavailable(device: torch.device) -> str | None:
     """Why torch.compile's default backend (inductor) cannot work on ``device`` here, or None: it generates
     Triton kernels on a GPU and C++ on a CPU, and says so only at the first step, deep in a traceback."""
     if device.type == "cuda":
-        from torch.utils._triton import has_triton
+        from torch.utils._triton import has_triton  # torch internals: loaded only when --compile is asked
         return None if has_triton() else "torch.compile on a GPU needs Triton, which is not installed"
     compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
     if not any(c and shutil.which(c) for c in compilers):
@@ -39,5 +34,5 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def is_compile_error(error: BaseException) -> bool:
-    from torch._dynamo.exc import TorchDynamoException
+    from torch._dynamo.exc import TorchDynamoException  # slow to import: only once a step has failed
     return isinstance(error, TorchDynamoException)

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from race_classifier.models.bundled import bundled_names, model_file
-from race_classifier.utils import add_hidden_aliases
+from race_classifier.utils import add_amp_argument, add_hidden_aliases
 
 BALANCE_MODES = ("none", "sampler", "loss", "group")
 BEST_METRICS = ("val_accuracy", "val_balanced_accuracy", "val_worst_class_accuracy", "val_loss")
@@ -63,8 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "most of its years (a tie leaves it unlabelled)")
     g.add_argument("--freeze_until", metavar="MODULE",
                    help="keep the pretrained layers before this module fixed, e.g. features.4 (torchvision:mobilenet_v2) "
-                        "or blocks.2 (timm EfficientNets): no gradients for them, so a CPU step is ~1.6x faster at "
-                        "160 px and ~2x at 224 px")
+                        "or blocks.2 (timm EfficientNets): no gradients for them, so a CPU step is faster "
+                        "(docs/training.md)")
     g.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier (timm models)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=64, help="images per forward/backward pass (per process)")
@@ -107,7 +107,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="strength of random brightness, contrast and saturation changes (0: off)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed precision. CUDA: auto is bf16 where supported, else fp16. CPU: auto is off; "
-                        "bf16 is ~1.3-2x faster on CPUs with AVX512-BF16/AMX (weights stay fp32)")
+                        "bf16 is faster on CPUs with AVX512-BF16/AMX (weights stay fp32; docs/training.md)")
     g.add_argument("--channels_last", action="store_true",
                    help="NHWC memory format: faster convolutions with AMP on GPU and with oneDNN on CPU")
     g.add_argument("--compile", action="store_true",
@@ -192,3 +192,19 @@ def resolve(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse
     if not 0 < args.abstain_coverage <= 1:
         parser.error("--abstain_coverage must be in (0, 1]")
     return args
+
+
+def add_soft_label_arguments(p: argparse.ArgumentParser) -> None:
+    """``race-classifier soft-labels`` (training/distill.py): teachers' probabilities for ``train --soft_labels``."""
+    p.add_argument("--model_path", required=True, nargs="+", help="the teacher model(s): their calibrated "
+                   "probabilities are averaged (any file `predict` loads: checkpoint, ONNX, ...)")
+    p.add_argument("--train_txt", required=True, help="the training manifest whose images get soft labels")
+    p.add_argument("--out", required=True, help="the .npz file to write (train --soft_labels reads it)")
+    p.add_argument("--taxonomy", help="the classes the student is trained in (default: the first teacher's); "
+                   "teachers in finer classes are summed into them as evaluation does")
+    p.add_argument("--source_taxonomy", help="taxonomy of the manifest's labels, when not --taxonomy")
+    p.add_argument("--tta", action="store_true", help="each teacher also sees the mirror image (the mean of both)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per teacher call")
+    p.add_argument("--workers", type=int, default=2, help="image-loading processes")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (PyTorch teachers; ONNX runs on the CPU)")
+    add_amp_argument(p)

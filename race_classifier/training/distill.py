@@ -25,9 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from race_classifier.data.manifest import Sample
+from race_classifier.data.manifest import Sample, read_manifest
+from race_classifier.evaluation.runner import predict_samples
+from race_classifier.labels import get_mapping, get_taxonomy
 from race_classifier.models.bundled import resolve_arguments
-from race_classifier.utils import add_amp_argument, file_sha256
+from race_classifier.models.loaders import load_predictor
+from race_classifier.utils import atomic_write_bytes, file_sha256
 
 log = logging.getLogger("race_classifier.distill")
 KEYS = ("paths", "probs", "classes", "teachers")  # required; "teacher_sha256" is optional (older files lack it)
@@ -52,7 +55,6 @@ class SoftLabels:
     teacher_sha256: list[str] = field(default_factory=list)  # of each teacher file when the labels were written
 
     def save(self, path: str | Path) -> None:
-        from race_classifier.utils import atomic_write_bytes
         buffer = io.BytesIO()
         np.savez_compressed(buffer, paths=np.array(self.paths, dtype=str), probs=self.probs.astype(np.float32),
                             classes=np.array(self.classes, dtype=str), teachers=np.array(self.teachers, dtype=str),
@@ -121,27 +123,7 @@ class TeacherTargets:
 # -- the soft-labels command ---------------------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_path", required=True, nargs="+", help="the teacher model(s): their calibrated "
-                   "probabilities are averaged (any file `predict` loads: checkpoint, ONNX, ...)")
-    p.add_argument("--train_txt", required=True, help="the training manifest whose images get soft labels")
-    p.add_argument("--out", required=True, help="the .npz file to write (train --soft_labels reads it)")
-    p.add_argument("--taxonomy", help="the classes the student is trained in (default: the first teacher's); "
-                   "teachers in finer classes are summed into them as evaluation does")
-    p.add_argument("--source_taxonomy", help="taxonomy of the manifest's labels, when not --taxonomy")
-    p.add_argument("--tta", action="store_true", help="each teacher also sees the mirror image (the mean of both)")
-    p.add_argument("--batch_size", type=int, default=64, help="images per teacher call")
-    p.add_argument("--workers", type=int, default=2, help="image-loading processes")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (PyTorch teachers; ONNX runs on the CPU)")
-    add_amp_argument(p)
-
-
 def run(args: argparse.Namespace) -> int:
-    from race_classifier.data.manifest import read_manifest
-    from race_classifier.evaluation.runner import predict_samples
-    from race_classifier.labels import get_mapping, get_taxonomy
-    from race_classifier.models.loaders import load_predictor
-
     resolve_arguments(args, "model_path")
     teachers = [load_predictor(p, device=args.device, tta=args.tta, amp=args.amp) for p in args.model_path]
     taxonomy = get_taxonomy(args.taxonomy) if args.taxonomy else teachers[0].taxonomy

@@ -17,15 +17,25 @@ from race_classifier.data.cache import ImageCache, cache_size_for
 from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
 from race_classifier.data.manifest import Sample, read_manifest
 from race_classifier.data.mix import read_source_weights
-from race_classifier.data.sampler import (SeededEpochSampler, class_balanced_weights, group_balanced_weights,
-                                          source_weighted)
+from race_classifier.data.sampler import (
+    SeededEpochSampler,
+    class_balanced_weights,
+    group_balanced_weights,
+    source_weighted,
+)
 from race_classifier.data.shards import find_shards
 from race_classifier.data.transforms import Augmentation, Preprocessing, build_transform
-from race_classifier.heads import AgeBins, HeadLayout, canonical_gender, gender_classes, targets_tensor
+from race_classifier.heads import (
+    AgeBins,
+    HeadLayout,
+    canonical_gender,
+    gender_classes,
+    head_targets,
+)
 from race_classifier.labels import Taxonomy, get_mapping, get_taxonomy, load_label_map
+from race_classifier.rng import seed_worker
 from race_classifier.training import TrainingError
 from race_classifier.training.distributed import World
-from race_classifier.rng import seed_worker
 
 log = logging.getLogger("race_classifier.train")
 
@@ -57,8 +67,8 @@ class RunSamples:
         val = read_manifest(args.val_txt, taxonomy, mapping, keep_unlabelled=multi)
         heads = HeadLayout.build(list(taxonomy.classes), head_names, gender_classes(s.gender for s in train),
                                  AgeBins.parse(args.age_bins) if "age" in head_names else None)
-        samples = cls(taxonomy, train, val, heads, targets_tensor(heads, train, args.train_txt),
-                      targets_tensor(heads, val, args.val_txt))
+        samples = cls(taxonomy, train, val, heads, torch.from_numpy(head_targets(heads, train, args.train_txt)),
+                      torch.from_numpy(head_targets(heads, val, args.val_txt)))
         samples.warn_about_class_coverage()
         return samples
 

@@ -1,5 +1,5 @@
 """The training run: manifests -> datasets -> model -> epochs -> best.pt / last.pt, console and CSV log;
-then best.pt is calibrated on the validation set and MODEL_CARD.md written beside it (training/finalize.py).
+then best.pt is calibrated on the validation set and MODEL_CARD.md written beside it (post_training/calibrate.py).
 
 A run killed at any moment (even SIGKILL mid-epoch) continues with ``--resume``: last.pt holds the
 optimizer, scaler, RNG and sampler position, and the CSV log is rewritten from the checkpoint's history,
@@ -34,25 +34,51 @@ import time
 from pathlib import Path
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from race_classifier.data.transforms import FAIRFACE_MARGIN, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, arcface_crop
+from race_classifier.data.transforms import (
+    FAIRFACE_MARGIN,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    arcface_crop,
+)
 from race_classifier.device import resolve_device, resolve_precision
 from race_classifier.models.checkpoint import load_checkpoint, save_checkpoint
 from race_classifier.models.factory import classifier_prefix, create_model, freeze_until
+from race_classifier.post_training.calibrate import finalize_run
+from race_classifier.rng import (
+    epoch_seed,
+    get_rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from race_classifier.training import TrainingError, config
 from race_classifier.training.accel import compile_model, is_compile_error
 from race_classifier.training.checkpoint_saver import CheckpointSaver
-from race_classifier.training.distributed import World, init_from_env, teardown
 from race_classifier.training.distill import SoftLabelError, SoftLabels, TeacherTargets
-from race_classifier.training.engine import EpochProgress, MultiHeadLoss, evaluate, train_one_epoch
+from race_classifier.training.distributed import World, init_from_env, teardown
+from race_classifier.training.engine import (
+    EpochProgress,
+    MultiHeadLoss,
+    evaluate,
+    train_one_epoch,
+)
 from race_classifier.training.mixing import BatchMixer
-from race_classifier.training.report import append_csv_row, epoch_row, format_epoch, rewrite_csv
-from race_classifier.rng import epoch_seed, get_rng_state, seed_everything, set_rng_state
-from race_classifier.training.run_data import RunSamples, build_loaders
+from race_classifier.training.report import (
+    append_csv_row,
+    epoch_row,
+    format_epoch,
+    rewrite_csv,
+)
+from race_classifier.training.run_data import (
+    RunSamples,
+    build_loaders,
+    known_unreadable,
+)
 from race_classifier.utils import atomic_write_text, run_command
 
 log = logging.getLogger("race_classifier.train")
@@ -77,7 +103,6 @@ def backbone_lr_groups(ratio: float, weight_decay: float):
         raise TrainingError(f"--backbone_lr_ratio must be positive, got {ratio}")
 
     def groups(model: nn.Module) -> list[dict]:
-        from timm.optim import param_groups_weight_decay
         head = {id(p) for p in model.get_submodule(classifier_prefix(model)).parameters()}
         by_decay = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=getattr(
             model, "no_weight_decay", lambda: set())())
@@ -368,7 +393,6 @@ class Trainer:
     def _image_counts(self) -> str:
         """'48 training / 24 validation images listed', and how many of them are known unreadable before
         training starts (an image cache records them; without one, each epoch's 'Skipped' lines say it)."""
-        from race_classifier.training.run_data import known_unreadable
         text = f"{len(self.train_samples)} training / {len(self.val_samples)} validation images listed"
         bad_train, bad_val = known_unreadable(self.data.train_set), known_unreadable(self.data.val_set)
         if bad_train or bad_val:
@@ -389,7 +413,6 @@ class Trainer:
     def finalize(self) -> dict | None:
         """Temperature and abstention threshold fitted on the validation set, stored in best.pt (never
         last.pt), and MODEL_CARD.md beside it; skipped when no epoch produced a best.pt."""
-        from race_classifier.training.finalize import finalize_run
         return finalize_run(self.best_path, self.val_samples, val_txt=self.args.val_txt,
                             train_samples=self.train_samples, train_txt=self.args.train_txt,
                             coverage=self.args.abstain_coverage, batch_size=self.args.batch_size,

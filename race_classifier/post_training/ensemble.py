@@ -12,25 +12,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from race_classifier.labels import Taxonomy
 from race_classifier.models.bundled import resolve_arguments
-
+from race_classifier.models.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
+from race_classifier.models.ensemble import build_ensemble
+from race_classifier.post_training.calibrate import (
+    finalize_run,
+    output_path,
+    read_manifests,
+    training_label_mapping,
+)
+from race_classifier.utils import atomic_torch_save, file_sha256
 
 # a member's own post-training changes (rebalance) stay in its description, not the ensemble's
 MEMBER_CHANGES = ("last_layer_rebalance", "min_recall", "recall_offsets", "recall_offsets_cross_fit", "rebalanced_from")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_path", required=True, nargs="+", help="two or more race-classifier checkpoints "
-                   "(best.pt) with the same classes and preprocessing, each calibrated by its training run")
-    p.add_argument("--val_txt", required=True, help="validation manifest: fits the ensemble's temperature and "
-                   "abstention threshold, and the model card's figures (not the members' training images)")
-    p.add_argument("--train_txt", help="training manifest, for the model card's counts (default: the first "
-                   "member's)")
-    p.add_argument("--out_dir", required=True, help="where the ensemble's best.pt and MODEL_CARD.md go")
-    p.add_argument("--coverage", type=float, default=0.95, help="share of validation faces the abstention "
-                   "threshold answers")
-    p.add_argument("--batch_size", type=int, default=64, help="images per model call while scoring --val_txt")
-    p.add_argument("--workers", type=int, default=2, help="image-loading processes")
 
 
 def _refusal(ckpt: dict) -> str | None:
@@ -47,10 +42,6 @@ def _refusal(ckpt: dict) -> str | None:
 
 def ensemble_checkpoint(paths: list[str | Path]) -> dict:
     """One checkpoint holding every member's weights, answering with their mean calibrated probabilities."""
-    from race_classifier.models.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
-    from race_classifier.models.ensemble import build_ensemble
-    from race_classifier.utils import file_sha256
-
     if len(paths) < 2:
         raise ValueError("an ensemble needs at least two --model_path checkpoints")
     ckpts = [load_checkpoint(p) for p in paths]
@@ -82,10 +73,6 @@ def ensemble_checkpoint(paths: list[str | Path]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from race_classifier.labels import Taxonomy
-    from race_classifier.training.finalize import finalize_run, output_path, read_manifests, training_label_mapping
-    from race_classifier.utils import atomic_torch_save
-
     if not 0 < args.coverage <= 1:
         raise ValueError(f"--coverage must be in (0, 1], got {args.coverage}")
     resolve_arguments(args, "model_path", checkpoint=True)

@@ -26,36 +26,35 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+from torch.utils.data import DataLoader
 
+from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
+from race_classifier.data.manifest import read_manifest
+from race_classifier.data.sampler import class_balanced_weights, group_balanced_weights
+from race_classifier.data.transforms import build_transform
+from race_classifier.evaluation.runner import predict_logits
+from race_classifier.labels import Taxonomy, get_taxonomy
 from race_classifier.models.bundled import resolve_arguments
+from race_classifier.models.checkpoint import load_checkpoint, load_model
+from race_classifier.models.factory import classifier_prefix
+from race_classifier.models.loaders import load_predictor
+from race_classifier.models.merged import label_mapping
+from race_classifier.post_training.calibrate import finalize_run, output_path
+from race_classifier.post_training.model_card import (
+    describe_cross_fit,
+    describe_offsets,
+)
+from race_classifier.utils import atomic_torch_save, progress_bar
 
 log = logging.getLogger("race_classifier.rebalance")
-BALANCES = ("none", "sampler", "group", "recall")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_path", required=True, help="a race-classifier checkpoint (its backbone is kept)")
-    p.add_argument("--train_txt", required=True, help="images the last layer is refitted on (labels in the "
-                   "model's classes; the gender column defines the race x gender groups)")
-    p.add_argument("--val_txt", required=True, help="validation manifest: calibration and the model card")
-    p.add_argument("--out_dir", required=True, help="where the new best.pt and MODEL_CARD.md go")
-    p.add_argument("--balance", choices=BALANCES, default="group",
-                   help="none: refit with every image weighted 1; sampler: every class the same total "
-                        "weight; group: every race x gender cell the same total weight (default); recall: keep "
-                        "the layer, add per-class offsets fitted on --val_txt so every class reaches --min_recall")
-    p.add_argument("--min_recall", type=float, default=0.6, help="--balance recall: the target recall per class")
-    p.add_argument("--source_taxonomy", help="taxonomy of the manifests' labels when not the model's (e.g. a "
-                   "merge-classes model's manifests in the classes it was trained in: mapped as its outputs are)")
-    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
-    p.add_argument("--batch_size", type=int, default=128, help="images per model call while extracting features")
-    p.add_argument("--workers", type=int, default=2, help="image-loading processes")
 
 
 def last_linear(model):
     """(name, module) of the layer whose input is the shared features and whose output is the logits."""
-    from torch import nn
-
-    from race_classifier.models.factory import classifier_prefix
     name = classifier_prefix(model)
     module = model.get_submodule(name)
     if not isinstance(module, nn.Linear):
@@ -68,13 +67,6 @@ def extract_features(model, samples, preprocessing, batch_size: int = 128, worke
                      desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, readable mask (N,)): the last Linear's input for each image, no augmentation.
     Unreadable images are reported by the dataset and get a False mask entry."""
-    import torch
-    from torch.utils.data import DataLoader
-    from race_classifier.utils import progress_bar
-
-    from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
-    from race_classifier.data.transforms import build_transform
-
     _, linear = last_linear(model)
     captured = []
     hook = linear.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach().float()))
@@ -101,9 +93,6 @@ def extract_features(model, samples, preprocessing, batch_size: int = 128, worke
 
 def balance_weights(labels: np.ndarray, genders: list[str], balance: str, num_classes: int) -> np.ndarray | None:
     """Per-sample weights of mean 1 (None for ``none``), as the training sampler's balance modes define them."""
-    import torch
-
-    from race_classifier.data.sampler import class_balanced_weights, group_balanced_weights
     if balance == "none":
         return None
     if balance == "sampler":
@@ -118,9 +107,6 @@ def fit_last_layer(features: np.ndarray, labels: np.ndarray, num_classes: int, w
                    C: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(weight (K, D), bias (K,)) of a multinomial logistic regression on standardised features, folded back
     so that it applies to the raw features. A class absent from ``labels`` gets a very low bias."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     scaler = StandardScaler().fit(features)
     clf = LogisticRegression(C=C, max_iter=2000, random_state=seed)
     clf.fit(scaler.transform(features), labels, sample_weight=weights)
@@ -181,7 +167,6 @@ def cross_fitted_offsets_estimate(logits: np.ndarray, labels: np.ndarray, min_re
 
 def _with_race_layer(ckpt: dict, name: str, num_classes: int, weight=None, bias=None) -> dict:
     """A copy of ``ckpt`` whose race rows of the last layer are replaced (calibration dropped: refit it)."""
-    import torch
     state = dict(ckpt["state_dict"])
     for key, value in ((f"{name}.weight", weight), (f"{name}.bias", bias)):
         if value is not None:
@@ -196,14 +181,11 @@ def raise_low_recalls(model_path: str | Path, val_samples, min_recall: float, ba
                       workers: int = 2, features=None) -> tuple[dict, dict]:
     """(checkpoint with the offsets added to its race biases, or to a merge-classes model's merged logits or an
     ensemble's averaged ones, report): ``--balance recall``."""
-    from race_classifier.models.checkpoint import load_model
     loaded = load_model(model_path)
     merge, ensemble = loaded.checkpoint.get("merged_classes"), loaded.checkpoint.get("ensemble")
     labels = np.array([s.label for s in val_samples])
     k = loaded.taxonomy.num_classes
     if merge or ensemble:  # no one race layer answers: the offsets go on the model's output logits
-        from race_classifier.evaluation.runner import predict_logits
-        from race_classifier.models.loaders import load_predictor
         all_logits, _ = predict_logits(load_predictor(model_path), val_samples, batch_size, workers,
                                        desc="validation logits")
         use = ~np.isnan(all_logits).any(axis=1) & (labels >= 0)
@@ -242,7 +224,6 @@ def rebalance(model_path: str | Path, train_samples, balance: str, C: float = 1.
               workers: int = 2, features=None) -> dict:
     """The checkpoint of ``model_path`` with its race rows refitted (a dict ready to save). ``features``:
     precomputed (features, readable) of ``train_samples``, to refit several balance modes from one pass."""
-    from race_classifier.models.checkpoint import load_model
     loaded = load_model(model_path)
     ckpt = loaded.checkpoint
     if features is None:
@@ -260,19 +241,6 @@ def rebalance(model_path: str | Path, train_samples, balance: str, C: float = 1.
     return out
 
 
-def describe_offsets(offsets: dict) -> str:
-    return ", ".join(f"{c} {v:+.2f}" for c, v in offsets.items() if v) or "none needed"
-
-
-def describe_cross_fit(cross_fit: dict) -> str:
-    """'on faces they were not fitted on (2-fold cross-fit): accuracy A, worst class C R' (stored form)."""
-    from race_classifier.evaluation.formatting import fmt_pct
-    recalls = {c: r for c, r in cross_fit["recalls"].items() if r == r}  # NaN: a class with no faces
-    worst = min(recalls, key=recalls.get)
-    return (f"on faces they were not fitted on (2-fold cross-fit): accuracy {fmt_pct(cross_fit['accuracy'], 2)}, "
-            f"worst class {worst} {fmt_pct(recalls[worst], 1)}")
-
-
 def format_recall_report(report: dict, model_path, out: Path) -> str:
     return (f"Added per-class logit offsets to {model_path} ({describe_offsets(report['offsets'])}): {out}\n"
             f"  validation accuracy {100 * report['accuracy_before']:.2f}% -> {100 * report['accuracy_after']:.2f}% "
@@ -283,12 +251,6 @@ def format_recall_report(report: dict, model_path, out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from race_classifier.data.manifest import read_manifest
-    from race_classifier.models.checkpoint import load_checkpoint
-    from race_classifier.labels import Taxonomy, get_taxonomy
-    from race_classifier.training.merge_classes import label_mapping
-    from race_classifier.training.finalize import finalize_run, output_path
-    from race_classifier.utils import atomic_torch_save
     resolve_arguments(args, "model_path", checkpoint=True)
     ckpt = load_checkpoint(args.model_path)
     if ckpt.get("ensemble") and args.balance != "recall":

@@ -18,40 +18,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from race_classifier.heads import Head, HeadLayout
+from race_classifier.labels import Taxonomy, get_mapping, get_taxonomy, load_label_map
 from race_classifier.models.bundled import resolve_arguments
-from race_classifier.models.merged import describe_merge
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_path", required=True, help="a race-classifier checkpoint trained in the finer classes")
-    p.add_argument("--taxonomy", required=True, help="the classes to answer in: seed5, race4, a class file, "
-                   "or a comma-separated list; every one must receive at least one of the model's classes")
-    p.add_argument("--label_map", help="YAML of 'model class: target class' (null drops the class) overriding "
-                   "the built-in mapping")
-    p.add_argument("--val_txt", required=True, help="validation manifest: fits the merged classes' temperature "
-                   "and abstention threshold, and the model card's figures")
-    p.add_argument("--source_taxonomy", help="taxonomy of the manifests' labels (default: the model's own, "
-                   "mapped as its outputs are)")
-    p.add_argument("--train_txt", help="training manifest, for the model card's counts (default: the model's)")
-    p.add_argument("--out_dir", required=True, help="where the new best.pt and MODEL_CARD.md go (not the "
-                   "model's own folder: its card would be overwritten)")
-    p.add_argument("--coverage", type=float, default=0.95, help="share of validation faces the abstention "
-                   "threshold answers")
-    p.add_argument("--batch_size", type=int, default=64, help="images per model call while scoring --val_txt")
-    p.add_argument("--workers", type=int, default=2, help="image-loading processes")
-
-
-def label_mapping(ckpt: dict, labels):
-    """How labels in taxonomy ``labels`` become the classes ``ckpt`` answers in: a merged model's own merge
-    for labels in the classes it was trained in (label-map overrides included), else the built-in mapping;
-    None when they are its classes already."""
-    from race_classifier.labels import LabelMapping, Taxonomy, get_mapping
-    target, merge = Taxonomy.from_dict(ckpt["taxonomy"]), ckpt.get("merged_classes")
-    if list(labels.classes) == list(target.classes):
-        return None
-    if merge and list(labels.classes) == list(merge["from"]["classes"]):
-        return LabelMapping(labels, target, tuple(merge["table"]))
-    return get_mapping(labels, target)
+from race_classifier.models.checkpoint import load_checkpoint
+from race_classifier.models.merged import describe_merge, label_mapping
+from race_classifier.post_training.calibrate import (
+    finalize_run,
+    output_path,
+    read_manifests,
+)
+from race_classifier.utils import atomic_torch_save
 
 
 def refuse_merged(ckpt: dict, path) -> None:
@@ -62,7 +39,6 @@ def refuse_merged(ckpt: dict, path) -> None:
 
 def merged_checkpoint(ckpt: dict, mapping, source_path: str | Path) -> dict:
     """``ckpt`` (a trained model's) as a model answering in ``mapping.target``; its network is unchanged."""
-    from race_classifier.heads import Head, HeadLayout
     refuse_merged(ckpt, source_path)
     fine, target = mapping.source, mapping.target
     if list(fine.classes) == list(target.classes):
@@ -86,11 +62,6 @@ def merged_checkpoint(ckpt: dict, mapping, source_path: str | Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from race_classifier.labels import Taxonomy, get_mapping, get_taxonomy, load_label_map
-    from race_classifier.models.checkpoint import load_checkpoint
-    from race_classifier.training.finalize import finalize_run, output_path, read_manifests
-    from race_classifier.utils import atomic_torch_save
-
     if not 0 < args.coverage <= 1:
         raise ValueError(f"--coverage must be in (0, 1], got {args.coverage}")
     resolve_arguments(args, "model_path", checkpoint=True)
