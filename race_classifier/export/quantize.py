@@ -5,8 +5,8 @@
   on preprocessed images from a manifest;
 * dynamic (no calibration images): ``quantize_dynamic``, weights int8, activation ranges computed at
   run time, for the matrix products only (MatMul, attention, LSTM, Gather). Convolutions stay fp32:
-  ONNX Runtime runs a dynamically quantized Conv (ConvInteger) about 10x slower than the fp32 Conv
-  (MobileNetV2 112 px, one thread: 26 ms against 2.5 ms) and it cost 2.6 points of accuracy. So dynamic
+  ONNX Runtime runs a dynamically quantized Conv (ConvInteger) far slower than the fp32 Conv, and it
+  cost accuracy (docs/deployment.md, "int8"). So dynamic
   int8 needs no data but speeds up only matmul-heavy models (transformers); CNNs need static.
 
 Both run ``quant_pre_process`` first: shape inference plus graph optimisation, so that BatchNorm is

