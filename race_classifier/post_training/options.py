@@ -15,7 +15,7 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--val_txt", required=True, help="validation manifest to fit the temperature and threshold on "
                    "(never the test set you report)")
     p.add_argument("--coverage", type=float, default=DEFAULT_COVERAGE,
-                   help="share of validation faces the abstention threshold answers (default 0.95)")
+                   help="share of validation faces the abstention threshold answers (default %(default)s)")
     p.add_argument("--train_txt", help="training manifest, for the model card's counts "
                    "(default: the one the checkpoint was trained on, when it exists)")
     p.add_argument("--source_taxonomy", help="taxonomy of the manifest's labels, when it differs "

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from race_classifier.models.bundled import bundled_names, model_file
+from race_classifier.post_training.options import DEFAULT_COVERAGE
 from race_classifier.utils import add_amp_argument, add_hidden_aliases
 
 BALANCE_MODES = ("none", "sampler", "loss", "group")
@@ -128,7 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="start afresh even if the run's files exist")
     g.add_argument("--save_every_steps", type=int, default=0,
                    help="also checkpoint mid-epoch every N steps, so a killed run loses at most N steps")
-    g.add_argument("--abstain_coverage", type=float, default=0.95,
+    g.add_argument("--abstain_coverage", type=float, default=DEFAULT_COVERAGE,
                    help="after training, best.pt gets a temperature and an abstention threshold fitted on the "
                         "validation set; the threshold answers this share of validation faces")
     return p
