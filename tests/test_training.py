@@ -320,3 +320,41 @@ def test_real_faces_fairface_to_seed5_with_offline_imagenet_weights(shared_dir, 
     ckpt = torch.load(run / "best.pt", weights_only=True)
     assert ckpt["taxonomy"] == {"name": "seed5", "classes": ["Asian", "Black", "Indian", "White", "Latino_Hispanic"]}
     assert len(read_log(run / "log.csv")) == 1
+
+
+def test_linear_probe_head_init_starts_from_a_logistic_regression_on_the_pretrained_features(manifests, tmp_path,
+                                                                                              caplog):
+    """--head_init linear_probe (LP-FT): the race layer starts as the unweighted last-layer refit of the
+    pretrained backbone (the same fit `rebalance --balance none` makes), the backbone as pretrained; lr 0
+    keeps both where they started. Not with --initial_checkpoint, which brings its own layer."""
+    import numpy as np
+
+    from race_classifier.data.manifest import read_manifest
+    from race_classifier.models.factory import create_model
+    from race_classifier.post_training.rebalance import extract_features, fit_race_layer
+    pretrained = create_model(ARCH, 4)
+    torch.save(pretrained.state_dict(), tmp_path / "pretrained.pth")
+    run = tmp_path / "lpft"
+    args = train_args(manifests, run, "--num_epochs", "1", "--learning_rate", "0", "--warmup_epochs", "0",
+                      "--weight_decay", "0", "--pretrained", str(tmp_path / "pretrained.pth"),
+                      "--head_init", "linear_probe")
+    with caplog.at_level("INFO"):
+        assert train_main(args) == 0
+    assert "--head_init linear_probe: race layer fitted on the frozen features of" in caplog.text
+    after = load_model(run / "best.pt")
+    train = read_manifest(manifests / "train.txt", after.taxonomy)
+    weight, bias = fit_race_layer(extract_features(pretrained, train, after.preprocessing, workers=0), train,
+                                  "none", 4)
+    classifier = after.model.get_classifier()
+    assert np.allclose(classifier.weight.detach().numpy(), weight, atol=1e-5)
+    assert np.allclose(classifier.bias.detach().numpy(), bias, atol=1e-5)
+    assert not np.allclose(weight, pretrained.get_classifier().weight.detach().numpy(), atol=1e-3)
+    for name, p in after.model.named_parameters():
+        if not name.startswith("classifier."):
+            assert torch.equal(p, pretrained.state_dict()[name]), name
+    assert "the race layer started as a linear probe" in (run / "MODEL_CARD.md").read_text()
+
+    conflicting = train_args(manifests, tmp_path / "both", "--num_epochs", "1", "--head_init", "linear_probe",
+                             "--initial_checkpoint", str(run / "best.pt"))
+    assert train_main(conflicting) == 2
+    assert "not with --initial_checkpoint" in caplog.text

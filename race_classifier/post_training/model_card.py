@@ -97,7 +97,9 @@ def render_model_card(ckpt: dict, evaluation: dict, calibration: dict, taxonomy:
         "epochs_run": "n/a" if epochs_run is None else epochs_run,
         "num_epochs": train_args.get("num_epochs"),
         "pretrained": (train_args.get("initialised_from") or train_args.get("pretrained")
-                       or "none (random initialisation)"),
+                       or "none (random initialisation)") + (
+            "; the race layer started as a linear probe of them (LP-FT)"
+            if train_args.get("head_init") == "linear_probe" else ""),
         "backbone_provenance": _backbone_provenance(ckpt),
         "seed": train_args.get("seed"),
         "model_ema_decay": train_args.get("model_ema_decay"),

@@ -66,8 +66,9 @@ def last_linear(model):
 def extract_features(model, samples, preprocessing, batch_size: int = 128, workers: int = 2,
                      desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, readable mask (N,)): the last Linear's input for each image, no augmentation.
-    Unreadable images are reported by the dataset and get a False mask entry."""
+    Unreadable images are reported by the dataset and get a False mask entry. Runs where the model is."""
     _, linear = last_linear(model)
+    device = next(model.parameters()).device
     captured = []
     hook = linear.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach().float()))
     dataset = FaceDataset(samples, build_transform(preprocessing, train=False), draft_size=preprocessing.image_size)
@@ -83,9 +84,9 @@ def extract_features(model, samples, preprocessing, batch_size: int = 128, worke
                 if batch["images"] is None:
                     continue
                 captured.clear()
-                model(batch["images"].contiguous(memory_format=torch.channels_last))
+                model(batch["images"].to(device).contiguous(memory_format=torch.channels_last))
                 idx = batch["indices"].numpy()
-                features[idx], readable[idx] = captured[0].numpy(), True
+                features[idx], readable[idx] = captured[0].cpu().numpy(), True
     finally:
         hook.remove()
     return features, readable
@@ -220,6 +221,36 @@ def raise_low_recalls(model_path: str | Path, val_samples, min_recall: float, ba
     return out, report
 
 
+def fit_race_layer(features: tuple[np.ndarray, np.ndarray], samples, balance: str, num_classes: int,
+                   C: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, bias) of the race layer fitted on the (features, readable) of ``samples`` with ``balance``'s
+    weights; faces without a race label are left out."""
+    feats, readable = features
+    labels = np.array([s.label for s in samples])
+    use = readable & (labels >= 0)
+    weights = balance_weights(labels[use], [s.gender for s in np.asarray(samples, object)[use]], balance,
+                              num_classes)
+    return fit_last_layer(feats[use], labels[use], num_classes, weights, C)
+
+
+def fit_linear_probe(model: nn.Module, samples, preprocessing, num_classes: int, balance: str = "none",
+                     batch_size: int = 128, workers: int = 2) -> float:
+    """LP-FT's first step (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"): set the race rows
+    of ``model``'s last layer, in place, to a logistic regression on its frozen features of ``samples``, so
+    that fine-tuning starts from a fitted layer instead of a random one whose large early gradients distort
+    the pretrained features. Returns the probe's accuracy on ``samples``."""
+    features = extract_features(model, samples, preprocessing, batch_size, workers, desc="linear probe features")
+    weight, bias = fit_race_layer(features, samples, balance, num_classes)
+    _, linear = last_linear(model)
+    with torch.no_grad():
+        linear.weight[:num_classes] = torch.as_tensor(weight, dtype=linear.weight.dtype)
+        linear.bias[:num_classes] = torch.as_tensor(bias, dtype=linear.bias.dtype)
+    feats, readable = features
+    labels = np.array([s.label for s in samples])
+    use = readable & (labels >= 0)
+    return float(((feats[use] @ weight.T + bias).argmax(1) == labels[use]).mean())
+
+
 def rebalance(model_path: str | Path, train_samples, balance: str, C: float = 1.0, batch_size: int = 128,
               workers: int = 2, features=None) -> dict:
     """The checkpoint of ``model_path`` with its race rows refitted (a dict ready to save). ``features``:
@@ -228,12 +259,7 @@ def rebalance(model_path: str | Path, train_samples, balance: str, C: float = 1.
     ckpt = loaded.checkpoint
     if features is None:
         features = extract_features(loaded.model, train_samples, loaded.preprocessing, batch_size, workers)
-    feats, readable = features
-    labels = np.array([s.label for s in train_samples])
-    use = readable & (labels >= 0)
-    weights = balance_weights(labels[use], [s.gender for s in np.asarray(train_samples, object)[use]], balance,
-                              loaded.taxonomy.num_classes)
-    weight, bias = fit_last_layer(feats[use], labels[use], loaded.taxonomy.num_classes, weights, C)
+    weight, bias = fit_race_layer(features, train_samples, balance, loaded.taxonomy.num_classes, C)
     name, _ = last_linear(loaded.model)
     out = _with_race_layer(ckpt, name, loaded.taxonomy.num_classes, weight, bias)
     out["train_args"] = {**ckpt.get("train_args", {}), "last_layer_rebalance": balance, "last_layer_C": C,

@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--initial_checkpoint", metavar="CHECKPOINT",
                    help="start from every weight of a checkpoint of this architecture, classes and heads (e.g. a "
                         "run at a lower --image_size, fine-tuned here at a higher one); --pretrained is then unused")
+    g.add_argument("--head_init", choices=("random", "linear_probe"), default="random",
+                   help="how the new race layer starts: random, or linear_probe: a logistic regression fitted on "
+                        "the pretrained backbone's frozen features of the training images, then fine-tuned with "
+                        "the rest (LP-FT; docs/training.md)")
     g.add_argument("--image_size", type=int, default=224, help="input size in pixels (square)")
     g.add_argument("--crop", choices=("auto", "fairface", "arcface"), default="auto",
                    help="the face crop the model takes, stored in the checkpoint so that inference cuts the same: "

@@ -50,6 +50,7 @@ from race_classifier.device import resolve_device, resolve_precision
 from race_classifier.models.checkpoint import load_checkpoint, save_checkpoint
 from race_classifier.models.factory import classifier_prefix, create_model, freeze_until
 from race_classifier.post_training.calibrate import finalize_run
+from race_classifier.post_training.rebalance import fit_linear_probe
 from race_classifier.rng import (
     epoch_seed,
     get_rng_state,
@@ -137,6 +138,13 @@ class Trainer:
             self.initialised_from = self._load_initial_checkpoint(Path(args.initial_checkpoint))
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # Normalise as the backbone was pretrained (timm records it; torchvision's are ImageNet's).
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        self.preprocessing = Preprocessing(image_size=args.image_size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                                           std=tuple(cfg.get("std", IMAGENET_STD)),
+                                           crop=training_crop(getattr(args, "crop", "auto"), cfg))
+        if getattr(args, "head_init", "random") == "linear_probe":
+            self._fit_probe_head()
         if args.freeze_until:
             frozen = freeze_until(self.model, args.freeze_until)
             log.info("froze the %d parameter tensors before %s", frozen, args.freeze_until)
@@ -155,11 +163,6 @@ class Trainer:
             self.train_model = compile_model(self.train_model, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        # Normalise as the backbone was pretrained (timm records it; torchvision's are ImageNet's).
-        cfg = getattr(self.model, "pretrained_cfg", None) or {}
-        self.preprocessing = Preprocessing(image_size=args.image_size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-                                           std=tuple(cfg.get("std", IMAGENET_STD)),
-                                           crop=training_crop(getattr(args, "crop", "auto"), cfg))
         self.data = build_loaders(args, world, self.samples, self.preprocessing, self.device)
 
         total_steps = self.data.steps_per_epoch * args.num_epochs
@@ -215,6 +218,22 @@ class Trainer:
         if self.initialised_from is not None:
             train_args["initialised_from"] = self.initialised_from
         return train_args | self.distillation
+
+    def _fit_probe_head(self) -> None:
+        """--head_init linear_probe: on a fresh run, the race layer starts as a logistic regression on the
+        pretrained features (rank 0 fits it; DistributedDataParallel then copies its weights to every rank)."""
+        if self.args.initial_checkpoint:
+            raise TrainingError("--head_init linear_probe fits a new race layer: not with --initial_checkpoint, "
+                                "which brings its own")
+        if self.args.resume or self.world.rank:
+            return
+        start = time.perf_counter()
+        balance = {"sampler": "sampler", "loss": "sampler", "group": "group"}.get(self.args.balance, "none")
+        accuracy = fit_linear_probe(self.model, self.train_samples, self.preprocessing, self.taxonomy.num_classes,
+                                    balance, self.args.batch_size, self.args.workers)
+        log.info("--head_init linear_probe: race layer fitted on the frozen features of %d training images "
+                 "(%s weights) in %.0f s; its training accuracy %.2f%%", len(self.train_samples), balance,
+                 time.perf_counter() - start, 100 * accuracy)
 
     def _load_initial_checkpoint(self, path: Path) -> str:
         """Every weight of ``path`` (classifier included) into the new model; returns a one-line account of it.
