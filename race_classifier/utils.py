@@ -141,6 +141,18 @@ def add_hidden_aliases(parser) -> None:
             action.hidden_aliases = (*getattr(action, "hidden_aliases", ()), *aliases)
     parser.formatter_class = HiddenAliasesFormatter
 
+    # argparse names an argument in its errors by every option string ("--train_txt/--train-txt is
+    # required"): name it as --help does. Longest first, so that "/--model" cannot cut "/--model-path".
+    hidden = sorted({a for action in parser._actions for a in getattr(action, "hidden_aliases", ())},
+                    key=len, reverse=True)
+    report = parser.error
+
+    def error(message: str):
+        for alias in hidden:
+            message = message.replace(f"/{alias}", "")
+        report(message)
+    parser.error = error
+
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

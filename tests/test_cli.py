@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from race_classifier.cli import build_parser
+import pytest
 
+from race_classifier.cli import build_parser
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -52,3 +53,12 @@ def test_one_flag_style_with_the_old_spellings_as_hidden_aliases(capsys):
     shown = capsys.readouterr().out
     assert "--model_path" in shown and "--batch_size" in shown
     assert "--model " not in shown and "--batch-size" not in shown and "--no-detect" not in shown
+
+    with pytest.raises(SystemExit):  # errors name flags as --help does, without their hidden aliases
+        parser.parse_args(["evaluate", "--val_txt", "v", "--output_csv", "o", "--batch_size", "x"])
+    error = capsys.readouterr().err
+    assert "argument --batch_size: invalid int value: 'x'" in error and "--batch-size" not in error
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--val_txt", "v"])
+    error = capsys.readouterr().err
+    assert "required: --model_path, --output_csv" in error

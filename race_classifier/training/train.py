@@ -232,8 +232,9 @@ class Trainer:
         accuracy = fit_linear_probe(self.model, self.train_samples, self.preprocessing, self.taxonomy.num_classes,
                                     balance, self.args.batch_size, self.args.workers)
         log.info("--head_init linear_probe: race layer fitted on the frozen features of %d training images "
-                 "(%s weights) in %.0f s; its training accuracy %.2f%%", len(self.train_samples), balance,
-                 time.perf_counter() - start, 100 * accuracy)
+                 "(%s) in %.0f s; its training accuracy %.2f%%", len(self.train_samples),
+                 "unweighted" if balance == "none" else f"{balance}-balanced", time.perf_counter() - start,
+                 100 * accuracy)
 
     def _load_initial_checkpoint(self, path: Path) -> str:
         """Every weight of ``path`` (classifier included) into the new model; returns a one-line account of it.
