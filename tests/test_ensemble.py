@@ -73,6 +73,39 @@ def test_an_ensemble_answers_with_the_mean_of_its_members_calibrated_probabiliti
     np.testing.assert_allclose(exported.predict_proba(images), model.predict_proba(images), atol=1e-4)
 
 
+def test_members_that_preprocess_differently_each_get_their_own_input(trained_checkpoints, manifests, tmp_path):
+    """A member on another size, normalisation and box of the chip (as a 112 px MobileFaceNet on ArcFace's box
+    beside a 160 px MobileNetV2): the ensemble takes the whole chip and makes each member's input in the
+    network, so it answers with the mean of what each member answers on its own preprocessing (up to the
+    8-bit rounding of Pillow's resize), and its ONNX export is the same model."""
+    one, three = trained_checkpoints
+    other = load_checkpoint(three)
+    other["preprocessing"].update(image_size=24, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    other["preprocessing"]["crop"].update(chip_box=[-3, -6, 35, 32], chip_size=32, template="arcface")
+    boxed = tmp_path / "boxed.pt"
+    torch.save(other, boxed)
+    assert ensemble([one, boxed], manifests, tmp_path / "mixed") == 0
+    mixed = tmp_path / "mixed" / "best.pt"
+    ckpt = load_checkpoint(mixed)
+    assert ckpt["preprocessing"]["image_size"] == 32 and ckpt["preprocessing"]["mean"] == [0.0, 0.0, 0.0]
+    assert "chip_box" not in ckpt["preprocessing"]["crop"]
+    assert [m["preprocessing"]["image_size"] for m in ckpt["ensemble"]["members"]] == [32, 24]
+
+    model = load_predictor(mixed)
+    samples = read_manifest(manifests / "val.txt", model.taxonomy)
+    mean = mean_member_probs([one, boxed], samples)
+    logits, _ = predict_logits(model, samples, workers=0)
+    got = torch.softmax(torch.as_tensor(logits), 1).numpy()
+    np.testing.assert_allclose(got, mean, atol=5e-3)
+    assert (got.argmax(1) == mean.argmax(1)).mean() >= 0.95
+
+    onnx_path = tmp_path / "mixed.onnx"  # export checks parity with PyTorch before writing
+    assert cli_main(["export", "--model_path", str(mixed), "--output", str(onnx_path)]) == 0
+    images = torch.stack([merged_image(model, s.path) for s in samples[:8]])
+    np.testing.assert_allclose(load_predictor(onnx_path).predict_proba(images), model.predict_proba(images),
+                               atol=1e-4)
+
+
 def test_recall_offsets_and_merged_classes_work_on_an_ensemble(ensemble_of_two, manifests, tmp_path):
     out = tmp_path / "recall"
     assert cli_main(["rebalance", "--model_path", str(ensemble_of_two), "--train_txt", str(manifests / "train.txt"),
@@ -114,11 +147,12 @@ def test_misuse_is_refused_naming_the_file(ensemble_of_two, trained_checkpoints,
     assert "at least two" in caplog.text
 
     other = load_checkpoint(three)
-    other["preprocessing"]["image_size"] = 48
+    other["preprocessing"]["crop"]["margin"] = 0.4  # faces cut from other chips: no one input serves both
     changed = tmp_path / "changed.pt"
     torch.save(other, changed)
     assert ensemble([one, changed], manifests, tmp_path / "a") == 2
-    assert f"{changed} has other preprocessing than {one}" in caplog.text and not (tmp_path / "a").exists()
+    assert f"{one}, {changed}: these members cut their faces from different chips" in caplog.text
+    assert not (tmp_path / "a").exists()
 
     assert ensemble([one, multitask_checkpoint], manifests, tmp_path / "b") == 2
     assert f"{multitask_checkpoint} has gender/age heads" in caplog.text

@@ -139,7 +139,7 @@ def _rebuild(ckpt: dict, taxonomy: Taxonomy, heads: HeadLayout) -> nn.Module:
     merge = ckpt.get("merged_classes")
     trained_outputs = heads.num_outputs + (len(merge["table"]) - taxonomy.num_classes if merge else 0)
     if ckpt.get("ensemble"):
-        model = build_ensemble(ckpt["ensemble"], trained_outputs)
+        model = build_ensemble(ckpt["ensemble"], trained_outputs, ckpt["preprocessing"])
     else:
         model = create_model(ckpt["arch"], trained_outputs)
     model.load_state_dict(ckpt["state_dict"])

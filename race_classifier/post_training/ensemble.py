@@ -15,7 +15,8 @@ from pathlib import Path
 from race_classifier.labels import Taxonomy
 from race_classifier.models.bundled import resolve_arguments
 from race_classifier.models.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
-from race_classifier.models.ensemble import build_ensemble
+from race_classifier.data.transforms import Preprocessing
+from race_classifier.models.ensemble import build_ensemble, ensemble_input
 from race_classifier.post_training.calibrate import (
     finalize_run,
     output_path,
@@ -50,23 +51,29 @@ def ensemble_checkpoint(paths: list[str | Path]) -> dict:
         reason = _refusal(ckpt)
         if reason:
             raise ValueError(f"{path} {reason}")
-        for key, what in (("taxonomy", "classes"), ("preprocessing", "preprocessing")):
-            if ckpt[key] != first[key]:
-                raise ValueError(f"{path} has other {what} than {paths[0]} ({ckpt[key]} against {first[key]}): "
-                                 "members must see the same input and answer in the same classes")
+        if ckpt["taxonomy"] != first["taxonomy"]:
+            raise ValueError(f"{path} has other classes than {paths[0]} ({ckpt['taxonomy']} against "
+                             f"{first['taxonomy']}): members must answer in the same classes")
+    preprocessing = first["preprocessing"]
+    if any(c["preprocessing"] != preprocessing for c in ckpts):  # each member's input is made in the network
+        try:
+            preprocessing = ensemble_input([Preprocessing.from_dict(c["preprocessing"]) for c in ckpts]).to_dict()
+        except ValueError as e:
+            raise ValueError(f"{', '.join(map(str, paths))}: {e}") from None
     members = [{"source": str(p), "sha256": file_sha256(p), "arch": c["arch"],
                 "temperature": float((c.get("calibration") or {}).get("temperature") or 1.0),
-                "epoch": c.get("epoch"), "val_accuracy": (c.get("metrics") or {}).get("val_accuracy")}
+                "epoch": c.get("epoch"), "val_accuracy": (c.get("metrics") or {}).get("val_accuracy"),
+                "preprocessing": c["preprocessing"]}
                for p, c in zip(paths, ckpts)]
     spec = {"members": members}
-    model = build_ensemble(spec, first["num_classes"])
+    model = build_ensemble(spec, first["num_classes"], preprocessing)
     for member, ckpt in zip(model.members, ckpts):
         member.load_state_dict(ckpt["state_dict"])
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
             "arch": f"ensemble({', '.join(m['arch'] for m in members)})",
             "num_classes": first["num_classes"],
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "taxonomy": first["taxonomy"], "preprocessing": first["preprocessing"],
+            "taxonomy": first["taxonomy"], "preprocessing": preprocessing,
             "train_args": {k: v for k, v in (first.get("train_args") or {}).items() if k not in MEMBER_CHANGES},
             "epoch": first.get("epoch"), "metrics": {},
             "history": [], "saved_at": first.get("saved_at"), "ensemble": spec}
