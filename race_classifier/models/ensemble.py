@@ -16,8 +16,9 @@ Members may preprocess differently (e.g. a 112 px MobileFaceNet on ArcFace's box
 MobileNetV2 on the whole chip): each member's record then holds its ``preprocessing``, the ensemble takes the
 whole face chip at the largest resolution any member reads (pixel values in [0, 1]), and an
 :class:`InputAdapter` in the network makes each member's input from it: the member's box of the chip (black
-outside the chip), resized as Pillow's bilinear filter does, normalised with the member's mean and std. The
-resize is two fixed matrices, so the ONNX export needs no antialiased Resize (the exporter has none).
+outside the chip), resized as Pillow's bilinear filter does (with its 8-bit rounding), normalised with the
+member's mean and std. The resize is two fixed matrices, so the ONNX export needs no antialiased Resize (the
+exporter has none).
 """
 from __future__ import annotations
 
@@ -95,7 +96,9 @@ class InputAdapter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.float() * self.source_std + self.source_mean  # [0, 1], black 0: padding adds nothing
-        resized = self.rows @ pixels @ self.cols_t
+        # Pillow resizes 8-bit images horizontally, then vertically, rounding to 8 bits after each pass.
+        across = torch.round(pixels @ self.cols_t * 255.0) / 255.0
+        resized = torch.round(self.rows @ across * 255.0) / 255.0
         return ((resized - self.target_mean) / self.target_std).to(images.dtype)
 
 

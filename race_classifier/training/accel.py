@@ -30,7 +30,7 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
             return torch.compile(model)
         except RuntimeError as e:  # e.g. a Python version or platform that torch.compile does not support
             reason = str(e).splitlines()[0]
-    raise TrainingError(f"--compile: {reason}; run without --compile")
+    raise TrainingError(f"--compile: {reason}; run without --compile (--no-compile where a config sets it)")
 
 
 def is_compile_error(error: BaseException) -> bool:

@@ -115,9 +115,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "bf16 is faster on CPUs with AVX512-BF16/AMX (weights stay fp32; docs/training.md)")
     g.add_argument("--channels_last", action="store_true",
                    help="NHWC memory format: faster convolutions with AMP on GPU and with oneDNN on CPU")
-    g.add_argument("--compile", action="store_true",
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the training model (inductor: needs Triton on GPU, a C++ compiler on "
-                        "CPU); the first steps are slow while it compiles")
+                        "CPU); the first steps are slow while it compiles (--no-compile: off where a config sets it)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g = p.add_argument_group("run control")
     g.add_argument("--checkpoint_dir", help="where best.pt, last.pt and the run's files go (default runs/<dataset>)")
