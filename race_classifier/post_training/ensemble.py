@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from race_classifier.data.transforms import Preprocessing
 from race_classifier.labels import Taxonomy
 from race_classifier.models.bundled import resolve_arguments
 from race_classifier.models.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint
-from race_classifier.data.transforms import Preprocessing
 from race_classifier.models.ensemble import build_ensemble, ensemble_input
 from race_classifier.post_training.calibrate import (
     finalize_run,
