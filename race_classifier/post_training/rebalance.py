@@ -221,16 +221,21 @@ def raise_low_recalls(model_path: str | Path, val_samples, min_recall: float, ba
     return out, report
 
 
+def _race_labelled(features: tuple[np.ndarray, np.ndarray], samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, labels, mask into ``samples``) of the readable faces with a race label."""
+    feats, readable = features
+    labels = np.array([s.label for s in samples])
+    use = readable & (labels >= 0)
+    return feats[use], labels[use], use
+
+
 def fit_race_layer(features: tuple[np.ndarray, np.ndarray], samples, balance: str, num_classes: int,
                    C: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(weight, bias) of the race layer fitted on the (features, readable) of ``samples`` with ``balance``'s
     weights; faces without a race label are left out."""
-    feats, readable = features
-    labels = np.array([s.label for s in samples])
-    use = readable & (labels >= 0)
-    weights = balance_weights(labels[use], [s.gender for s in np.asarray(samples, object)[use]], balance,
-                              num_classes)
-    return fit_last_layer(feats[use], labels[use], num_classes, weights, C)
+    feats, labels, use = _race_labelled(features, samples)
+    weights = balance_weights(labels, [s.gender for s in np.asarray(samples, object)[use]], balance, num_classes)
+    return fit_last_layer(feats, labels, num_classes, weights, C)
 
 
 def fit_linear_probe(model: nn.Module, samples, preprocessing, num_classes: int, balance: str = "none",
@@ -245,10 +250,8 @@ def fit_linear_probe(model: nn.Module, samples, preprocessing, num_classes: int,
     with torch.no_grad():
         linear.weight[:num_classes] = torch.as_tensor(weight, dtype=linear.weight.dtype)
         linear.bias[:num_classes] = torch.as_tensor(bias, dtype=linear.bias.dtype)
-    feats, readable = features
-    labels = np.array([s.label for s in samples])
-    use = readable & (labels >= 0)
-    return float(((feats[use] @ weight.T + bias).argmax(1) == labels[use]).mean())
+    feats, labels, _ = _race_labelled(features, samples)
+    return float(((feats @ weight.T + bias).argmax(1) == labels).mean())
 
 
 def rebalance(model_path: str | Path, train_samples, balance: str, C: float = 1.0, batch_size: int = 128,
