@@ -1,6 +1,6 @@
 """Backbones by name: timm's (``mobilenetv3_large_100``, ``resnet34``, ...), torchvision's
 (``torchvision:mobilenet_v2``, ``torchvision:resnet34``) and the face-recognition ``mobilefacenet``
-(models/mobilefacenet.py, weights from its ONNX file), with a classifier for the taxonomy's classes.
+(models/mobilefacenet.py, weights from its ONNX file; ``mobilefacenet_ms`` adds its earlier stages), with a classifier for the taxonomy's classes.
 
 Pretrained weights come from a local file (offline; safe loading, the classifier layer is replaced)
 or from the usual online hubs when a network is there: ``--pretrained default`` (the architecture's
@@ -18,6 +18,8 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
+from race_classifier.models.mobilefacenet import ARCH as MOBILEFACENET
+from race_classifier.models.mobilefacenet import MULTISCALE_ARCH as MOBILEFACENET_MS
 from race_classifier.models.mobilefacenet import MobileFaceNet, load_onnx_weights
 
 log = logging.getLogger(__name__)
@@ -147,9 +149,11 @@ def init_fine_tuning_classifier(model: nn.Module) -> None:
         nn.init.zeros_(head.bias)
 
 
-def _create_mobilefacenet(num_classes: int, pretrained: str | None, drop_rate: float) -> nn.Module:
-    """``arch: mobilefacenet`` (models/mobilefacenet.py): weights from its ONNX file, or a state dict."""
-    model = MobileFaceNet(num_classes=num_classes, drop_rate=drop_rate)
+def _create_mobilefacenet(num_classes: int, pretrained: str | None, drop_rate: float,
+                          multiscale: bool = False) -> nn.Module:
+    """``arch: mobilefacenet`` or ``mobilefacenet_ms`` (models/mobilefacenet.py): weights from its ONNX file,
+    or a state dict."""
+    model = MobileFaceNet(num_classes=num_classes, drop_rate=drop_rate, multiscale=multiscale)
     if not pretrained:
         return model
     if not Path(pretrained).is_file():
@@ -165,9 +169,9 @@ def _create_mobilefacenet(num_classes: int, pretrained: str | None, drop_rate: f
 
 def create_model(arch: str, num_classes: int, pretrained: str | None = None, drop_rate: float = 0.0) -> nn.Module:
     """``pretrained``: None, a local weights file, 'default', 'hf-hub:<repo>' or a torchvision weights name;
-    for ``mobilefacenet``, its ONNX file."""
-    if arch == "mobilefacenet":
-        return _create_mobilefacenet(num_classes, pretrained, drop_rate)
+    for ``mobilefacenet`` and ``mobilefacenet_ms``, its ONNX file."""
+    if arch in (MOBILEFACENET, MOBILEFACENET_MS):
+        return _create_mobilefacenet(num_classes, pretrained, drop_rate, multiscale=arch == MOBILEFACENET_MS)
     is_file = bool(pretrained) and (Path(pretrained).is_file() or Path(pretrained).suffix in (".pth", ".pt", ".safetensors", ".bin"))
     if is_file and not Path(pretrained).is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {pretrained}")
