@@ -79,6 +79,29 @@ def test_factory_builds_the_backbone_from_onnx_with_a_fresh_classifier(shared_di
         load_onnx_weights(other, path)
 
 
+@pytest.mark.shared(ONNX)
+def test_multiscale_variant_adds_the_pooled_earlier_stages_to_the_gdc_output(shared_dir):
+    path = str(shared_dir / ONNX)
+    model = create_model("mobilefacenet_ms", 7, pretrained=path).eval()
+    assert model.multiscale and (model.classifier.in_features, model.num_features) == (832, 832)
+    stages = {}
+    for i in (4, 11, 14):
+        model.blocks[i].register_forward_hook(lambda _m, _in, out, i=i: stages.__setitem__(i, out))
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        plain = create_model("mobilefacenet", 7, pretrained=path).eval().forward_features(x)
+    assert [tuple(stages[i].shape[1:]) for i in (4, 11, 14)] == [(64, 28, 28), (128, 14, 14), (128, 7, 7)]
+    torch.testing.assert_close(features[:, :512], plain)
+    torch.testing.assert_close(features[:, 512:], torch.cat([stages[i].mean((2, 3)) for i in (4, 11, 14)], 1))
+    # Its weights are the plain network's plus a wider classifier; a rebuilt model takes its state dict.
+    create_model("mobilefacenet_ms", 7).load_state_dict(model.state_dict())
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        create_model("mobilefacenet", 7).load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="classifier"):
+        MobileFaceNet(multiscale=True)
+
+
 def test_mobilefacenet_shape_and_input_size():
     model = create_model("mobilefacenet", 5).eval()
     assert sum(p.numel() for p in MobileFaceNet().parameters()) == 1_292_992  # the file's 1.29 M
@@ -198,14 +221,16 @@ def test_backbone_learning_rate_groups():
     assert {id(p) for p in optimizer.param_groups[0]["params"]} <= head  # the lr logged is the head's
 
 
-def test_training_a_mobilefacenet_stores_its_crop_and_its_provenance_in_the_card(manifests, tmp_path):
-    from race_classifier.models.checkpoint import load_checkpoint
+@pytest.mark.parametrize("arch", ["mobilefacenet", "mobilefacenet_ms"])
+def test_training_a_mobilefacenet_stores_its_crop_and_its_provenance_in_the_card(manifests, tmp_path, arch):
+    from race_classifier.models.checkpoint import load_checkpoint, load_model
     from race_classifier.training.train import main as train_main
     run = tmp_path / "run"
-    assert train_main(train_args(manifests, run, "--arch", "mobilefacenet", "--image_size", "112", "--num_epochs", "1",
+    assert train_main(train_args(manifests, run, "--arch", arch, "--image_size", "112", "--num_epochs", "1",
                                  "--backbone_lr_ratio", "0.25", "--learning_rate", "0.002")) == 0
     ckpt = load_checkpoint(run / "best.pt")
-    assert ckpt["arch"] == "mobilefacenet" and ckpt["train_args"]["backbone_lr_ratio"] == 0.25
+    assert ckpt["arch"] == arch and ckpt["train_args"]["backbone_lr_ratio"] == 0.25
+    assert load_model(run / "best.pt").model.multiscale == (arch == "mobilefacenet_ms")
     assert Preprocessing.from_dict(ckpt["preprocessing"]) == Preprocessing(
         image_size=112, mean=MOBILEFACENET_MEAN, std=MOBILEFACENET_STD, crop=arcface_crop())
     card = (run / "MODEL_CARD.md").read_text()
@@ -218,6 +243,7 @@ def test_model_card_provenance_only_for_models_on_the_backbone():
     from race_classifier.post_training.model_card import _backbone_provenance
     assert _backbone_provenance({"arch": "torchvision:mobilenet_v2", "train_args": {"pretrained": "x.pth"}}) is None
     assert _backbone_provenance({"arch": "mobilefacenet"})["origin"].count(ONNX_SHA256) == 1
+    assert _backbone_provenance({"arch": "mobilefacenet_ms"}) is not None
     assert _backbone_provenance({"arch": "ensemble", "ensemble": {"members": [
         {"arch": "torchvision:mobilenet_v2"}, {"arch": "mobilefacenet"}]}}) is not None
     assert _backbone_provenance({"arch": "x", "train_args": {

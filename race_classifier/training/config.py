@@ -42,7 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "augmentation is seeded per image, so results do not depend on it")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="torchvision:mobilenet_v2",
-                   help="timm model name, or 'torchvision:<name>' for torchvision's")
+                   help="timm model name, 'torchvision:<name>' for torchvision's, or mobilefacenet (the "
+                        "face-recognition backbone; --pretrained its ONNX file) or mobilefacenet_ms (the same with "
+                        "its pooled earlier stages beside the GDC output)")
     g.add_argument("--pretrained", help="local weights file (offline), a bundled model (fairface7: fine-tune from it; "
                    "its classifier too where the classes match), 'default' or 'hf-hub:<repo>' (online)")
     g.add_argument("--initial_checkpoint", metavar="CHECKPOINT",
