@@ -1,6 +1,7 @@
 """Backbones by name: timm's (``mobilenetv3_large_100``, ``resnet34``, ...), torchvision's
 (``torchvision:mobilenet_v2``, ``torchvision:resnet34``) and the face-recognition ``mobilefacenet``
-(models/mobilefacenet.py, weights from its ONNX file; ``mobilefacenet_ms`` adds its earlier stages), with a classifier for the taxonomy's classes.
+(models/mobilefacenet.py, weights from its ONNX file; ``mobilefacenet_ms`` adds its earlier stages), with a
+classifier for the taxonomy's classes.
 
 Pretrained weights come from a local file (offline; safe loading, the classifier layer is replaced)
 or from the usual online hubs when a network is there: ``--pretrained default`` (the architecture's

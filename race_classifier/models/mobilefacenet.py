@@ -36,8 +36,8 @@ stages) ahead of the 192-d embedding (62.5% vs 60.3%).
 
 ``arch: mobilefacenet_ms`` (``multiscale``) gives the classifier more than the GDC output: the 832-d
 concatenation of it with the average-pooled outputs of the last block at 28, 14 and 7 px (64 + 128 + 128
-channels), in case the earlier stages keep what an identity embedding is trained to drop. Frozen, they add a
-point (a linear probe on the full training split); fine-tuned end to end, they did not help (docs/accuracy.md,
+channels), in case the earlier stages keep what an identity embedding is trained to drop. Frozen, they add 1.3
+points (a linear probe on the full training split); fine-tuned end to end, they did not help (docs/accuracy.md,
 "A face-recognition backbone", run 3), so the recipe keeps the plain network.
 
 Input: NCHW RGB, normalised ``(x - 127.5) / 128``, which is ``Preprocessing`` mean 0.5 and std 128/255 in
