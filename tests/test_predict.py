@@ -18,8 +18,10 @@ from race_classifier import Classifier
 from race_classifier.cli import main as cli_main
 from race_classifier.inference.align import (DLIB_MEAN_SHAPE_TEMPLATE, TEMPLATE, align_face, chip_template,
                                              similarity_transform)
+from race_classifier.inference.classifier import FacePrediction, ImagePrediction
 from race_classifier.inference.compose import compose_photo
 from race_classifier.inference.detector import FaceDetector
+from race_classifier.inference.video import caption_origin, draw
 
 FAIRFACE = pytest.mark.shared("data/fairface/train")
 
@@ -475,3 +477,20 @@ def test_transparent_array_is_composited_as_the_same_image_given_as_pil_or_a_fil
     np.testing.assert_array_equal(to_rgb_array(rgba, channels="RGBA"), expected)
     bgra = np.ascontiguousarray(rgba[:, :, [2, 1, 0, 3]])
     np.testing.assert_array_equal(to_rgb_array(bgra, channels="BGRA"), expected)
+
+
+def _face_at(box):
+    return FacePrediction(0, box, None, 0.99, "Latino_Hispanic", 0.91, "Latino_Hispanic", {"Latino_Hispanic": 0.91})
+
+
+def test_caption_of_a_face_at_the_top_is_drawn_inside_its_box_clear_of_the_edge():
+    """A face whose box starts at the photo's top edge (README's group photo has two) gets its caption just
+    inside the box, not over the box's top edge; one lower down keeps it above the box; a caption that would
+    run off the right edge is moved left."""
+    top = draw(np.zeros((200, 300, 3), np.uint8), ImagePrediction("p.jpg", [_face_at((20.0, 3.0, 280.0, 150.0))]))
+    assert top[5:9, 24:276].max() == 0  # the rows between the top edge (3, 2 px thick) and the caption
+    assert top[10:30, 24:276].max() > 0  # the caption, inside the box
+    low = draw(np.zeros((200, 300, 3), np.uint8), ImagePrediction("p.jpg", [_face_at((20.0, 60.0, 280.0, 150.0))]))
+    assert low[62:148, 22:278].max() == 0 and low[30:58, 20:280].max() > 0  # above the box; inside it nothing
+    assert caption_origin((20, 3), (100, 18), (300, 200)) == (20, 27)
+    assert caption_origin((250, 60), (100, 18), (300, 200)) == (200, 54)

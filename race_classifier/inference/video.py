@@ -27,6 +27,8 @@ from race_classifier.utils import atomic_write_bytes, sibling_temp_file
 
 log = logging.getLogger(__name__)
 
+_FONT, _FONT_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.5
+
 
 @dataclass
 class FrameResult:
@@ -97,9 +99,22 @@ def draw(frame_bgr: np.ndarray, prediction: ImagePrediction | None) -> np.ndarra
         cv2.rectangle(frame_bgr, (x1, y1), (x2, y2), (0, 200, 255), 2)
         for x, y in face.landmarks or ():
             cv2.circle(frame_bgr, (int(x), int(y)), 2, (0, 255, 0), -1)
-        cv2.putText(frame_bgr, caption(face), (x1, max(12, y1 - 6)), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
-                    (0, 200, 255), 1, cv2.LINE_AA)
+        text = caption(face)
+        (w, h), baseline = cv2.getTextSize(text, _FONT, _FONT_SCALE, 1)
+        origin = caption_origin((x1, y1), (w, h + baseline), frame_bgr.shape[1::-1])
+        cv2.putText(frame_bgr, text, origin, _FONT, _FONT_SCALE, (0, 200, 255), 1, cv2.LINE_AA)
     return frame_bgr
+
+
+def caption_origin(top_left: tuple[int, int], text_size: tuple[int, int],
+                   frame_size: tuple[int, int], gap: int = 6) -> tuple[int, int]:
+    """Where a box's caption starts (``cv2.putText``'s bottom-left corner): ``gap`` px above the box, or
+    ``gap`` px inside its top edge where the frame has no room above (a face at the top of a photo), and
+    moved left so that it ends inside the frame. ``text_size`` is (width, height below and above the
+    baseline together); ``frame_size`` is (width, height)."""
+    (x1, y1), (w, h), (frame_w, frame_h) = top_left, text_size, frame_size
+    y = y1 - gap if y1 - gap - h >= 0 else min(y1 + gap + h, frame_h - 1)
+    return max(0, min(x1, frame_w - w)), y
 
 
 def annotate_photo(prediction: ImagePrediction, out: str | Path) -> None:
