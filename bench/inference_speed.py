@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from race_classifier.data.dataset import preprocessed_batches
 from race_classifier.data.manifest import Sample
 from race_classifier.data.transforms import Preprocessing
 from race_classifier.export.exporter import export_checkpoint
-from race_classifier.export.onnx import preprocessed_batches
 from race_classifier.labels import get_taxonomy
 from race_classifier.models.checkpoint import load_model, save_checkpoint
 from race_classifier.models.factory import create_model

@@ -177,7 +177,8 @@ def test_a_multitask_model_exports_with_its_own_validation_manifest(manifests, t
     """Multi-task manifests keep images without a race label ('-', for the other heads); export reads them as
     evaluate does: every image for parity, the race-labelled ones for accuracy."""
     from conftest import ARCH, with_gender_and_age
-    from race_classifier.export.onnx import accuracy, preprocessed_batches
+    from race_classifier.data.dataset import preprocessed_batches
+    from race_classifier.export.onnx import accuracy
     from race_classifier.heads import AgeBins, HeadLayout
     taxonomy = get_taxonomy(str(manifests / "classes.txt"))
     heads = HeadLayout.build(taxonomy.classes, ("race", "gender", "age"), ("Male", "Female"), AgeBins.parse())

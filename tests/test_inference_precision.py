@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from race_classifier.cli import main as cli_main
+from race_classifier.data.dataset import preprocessed_batches
 from race_classifier.data.manifest import read_manifest
-from race_classifier.export.onnx import preprocessed_batches
 from race_classifier.labels import get_taxonomy
 from race_classifier.models.loaders import ModelLoadError, load_predictor
 

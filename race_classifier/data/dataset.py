@@ -6,14 +6,18 @@ function drops it from the batch and hands it on, and the trainer counts and lis
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from race_classifier.data.image_io import ImageLoadError, load_rgb
 from race_classifier.data.manifest import Sample
+from race_classifier.data.transforms import Preprocessing, build_transform
 from race_classifier.rng import seeded
+
+log = logging.getLogger(__name__)
 
 
 class FaceDataset(Dataset):
@@ -64,3 +68,21 @@ def collate_skipping_failures(items: list[dict]) -> dict:
         "indices": torch.tensor([it["index"] for it in good], dtype=torch.long),
         "failures": [(it["index"], it["error"]) for it in items if "error" in it],
     }
+
+
+def eval_loader(samples: Sequence[Sample], preprocessing: Preprocessing, batch_size: int = 64,
+                workers: int = 0) -> DataLoader:
+    """``samples`` in order, in batches of ``collate_skipping_failures``, preprocessed as evaluation does it
+    (no augmentation): what evaluation, calibration, feature extraction and the export's checks all run on."""
+    dataset = FaceDataset(samples, build_transform(preprocessing, train=False), draft_size=preprocessing.image_size)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_failures)
+
+
+def preprocessed_batches(samples: Sequence[Sample], preprocessing: Preprocessing, batch_size: int = 64,
+                         workers: int = 0):
+    """(images, labels) batches of ``eval_loader``; each unreadable image is logged and dropped."""
+    for batch in eval_loader(samples, preprocessing, batch_size, workers):
+        for index, reason in batch["failures"]:
+            log.warning("skipping unreadable image %s: %s", samples[index].path, reason)
+        if batch["images"] is not None:
+            yield batch["images"], batch["labels"]

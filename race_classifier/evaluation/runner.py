@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader
 
-from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
+from race_classifier.data.dataset import eval_loader
 from race_classifier.data.manifest import Sample, read_manifest
 from race_classifier.data.sources import scan_folder_tree
-from race_classifier.data.transforms import build_transform
 from race_classifier.heads import AgeBins, Head, HeadLayout, class_map, head_targets
 from race_classifier.labels import LabelMapping, Taxonomy, get_mapping
 from race_classifier.models.loaders import Predictor
@@ -128,9 +126,7 @@ def predict_samples(predictor: Predictor, samples: list[Sample], taxonomy: Taxon
     mapping = None if predictor.taxonomy.classes == taxonomy.classes else get_mapping(predictor.taxonomy, taxonomy)
     head_maps = {h.name: m for h in (heads.extra if heads is not None else ())
                  if (m := class_map(predictor.heads, heads, h.name)) is not None}
-    dataset = FaceDataset(samples, build_transform(predictor.preprocessing, train=False),
-                          draft_size=predictor.preprocessing.image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_failures)
+    loader = eval_loader(samples, predictor.preprocessing, batch_size, workers)
     probs = np.full((len(samples), taxonomy.num_classes), np.nan)
     head_probs = {name: np.full((len(samples), m.shape[1]), np.nan) for name, m in head_maps.items()}
     errors: dict[int, str] = {}
@@ -151,9 +147,7 @@ def predict_logits(predictor: Predictor, samples: list[Sample], batch_size: int 
     """(raw logits (N, K) over the predictor's own classes, NaN rows for unreadable images; {index: error}).
     No temperature is applied: what calibration is fitted on. ``all_heads``: every head's logits side by
     side (N, predictor.heads.num_outputs), race first."""
-    dataset = FaceDataset(samples, build_transform(predictor.preprocessing, train=False),
-                          draft_size=predictor.preprocessing.image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_failures)
+    loader = eval_loader(samples, predictor.preprocessing, batch_size, workers)
     width = predictor.heads.num_outputs if all_heads else predictor.taxonomy.num_classes
     logits = np.full((len(samples), width), np.nan)
     errors: dict[int, str] = {}

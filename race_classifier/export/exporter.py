@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from race_classifier.data.dataset import preprocessed_batches
 from race_classifier.data.manifest import Sample
 from race_classifier.data.transforms import Preprocessing
 from race_classifier.export.onnx import (
@@ -22,7 +23,6 @@ from race_classifier.export.onnx import (
     check_graph,
     draw,
     export_graph,
-    preprocessed_batches,
     random_batches,
     score,
 )

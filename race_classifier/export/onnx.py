@@ -1,9 +1,8 @@
 """Exporting a network to ONNX and checking it: the graph (one output per head), onnx.checker, and the
-images and scoring that the parity check (exporter.py) and int8 calibration (quantize.py) share. What the
+image draws and scoring that the parity check (exporter.py) and int8 calibration (quantize.py) share. What the
 file says of itself (its metadata) is models/onnx_metadata.py's."""
 from __future__ import annotations
 
-import logging
 import random
 import warnings
 from dataclasses import dataclass
@@ -12,16 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from torch.utils.data import DataLoader
 
-from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
 from race_classifier.data.manifest import Sample
-from race_classifier.data.transforms import Preprocessing, build_transform
 from race_classifier.export.options import DEFAULT_OPSET
 from race_classifier.heads import HeadLayout
 from race_classifier.models.onnx_metadata import INPUT_NAME, OUTPUT_NAME, output_names
-
-log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -63,18 +57,6 @@ def check_graph(path: str | Path) -> None:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001 - onnx raises several checker/inference error types
         raise ExportError(f"the exported graph fails onnx.checker: {e}") from None
-
-
-def preprocessed_batches(samples: list[Sample], preprocessing: Preprocessing, batch_size: int = 64,
-                         workers: int = 0):
-    """(images, labels) batches exactly as evaluation preprocesses them; unreadable images are dropped."""
-    dataset = FaceDataset(samples, build_transform(preprocessing, train=False), draft_size=preprocessing.image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_failures)
-    for batch in loader:
-        for index, reason in batch["failures"]:
-            log.warning("skipping unreadable image %s: %s", samples[index].path, reason)
-        if batch["images"] is not None:
-            yield batch["images"], batch["labels"]
 
 
 def draw(samples: list[Sample], n: int, seed: int = 0) -> list[Sample]:

@@ -33,9 +33,10 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from race_classifier.data.dataset import preprocessed_batches
 from race_classifier.data.manifest import Sample
 from race_classifier.data.transforms import Preprocessing
-from race_classifier.export.onnx import ExportError, draw, preprocessed_batches
+from race_classifier.export.onnx import ExportError, draw
 from race_classifier.export.options import CALIBRATION_METHODS, DEFAULT_CALIBRATION
 from race_classifier.models.onnx_metadata import INPUT_NAME
 

@@ -30,12 +30,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
-from torch.utils.data import DataLoader
 
-from race_classifier.data.dataset import FaceDataset, collate_skipping_failures
+from race_classifier.data.dataset import eval_loader
 from race_classifier.data.manifest import read_manifest
 from race_classifier.data.sampler import class_balanced_weights, group_balanced_weights
-from race_classifier.data.transforms import build_transform
 from race_classifier.evaluation.runner import predict_logits
 from race_classifier.labels import Taxonomy, get_taxonomy
 from race_classifier.models.bundled import resolve_arguments
@@ -71,8 +69,7 @@ def extract_features(model, samples, preprocessing, batch_size: int = 128, worke
     device = next(model.parameters()).device
     captured = []
     hook = linear.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach().float()))
-    dataset = FaceDataset(samples, build_transform(preprocessing, train=False), draft_size=preprocessing.image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_failures)
+    loader = eval_loader(samples, preprocessing, batch_size, workers)
     features = np.zeros((len(samples), linear.in_features), np.float32)
     readable = np.zeros(len(samples), bool)
     model.eval()
